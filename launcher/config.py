@@ -1,0 +1,258 @@
+"""Run configuration: typed sections loaded from YAML, dotted CLI overrides, validation, saving.
+
+    cfg = load_config("configs/opt_tiny.yaml", overrides=["train.lr=3e-4", "attention.variant=softmax"])
+
+`attention:` is its own section in YAML and on the command line, and lives at `cfg.model.attention`
+(the model section is then everything needed to rebuild the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.config import DataConfig
+from model.config import AttentionConfig, ModelConfig
+from model.errors import ConfigError, ProjectError
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ParallelConfig:
+    # DeepSpeed ZeRO stage for data parallelism (0 = plain DDP-style all-reduce).
+    zero_stage: int = 0
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8
+    # Sequences per optimizer step over all data-parallel ranks; gradient accumulation fills the gap.
+    global_batch_size: int = 8
+    lr: float = 4e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "linear"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 1234
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2  # newest N step checkpoints are kept; 0 keeps all
+
+    def validate(self) -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{key}", value, "must be a positive integer")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("train.global_batch_size", self.global_batch_size,
+                              f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ConfigError("train.lr", self.lr, "must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("train.min_lr", self.min_lr, f"must lie in [0, train.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("train.lr_schedule", self.lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", getattr(self, key), "must lie in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError("train.weight_decay", self.weight_decay, "must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError("train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs"
+    run_name: str = "run"
+    log_interval: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.log_interval <= 0:
+            raise ConfigError("logging.log_interval", self.log_interval, "must be a positive integer")
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError("logging.run_name", self.run_name, "must be a non-empty name without '/'")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200  # validation perplexity every N steps (and always at the end)
+    max_blocks: int | None = 64  # validation blocks per evaluation (None = the whole split)
+
+    def validate(self) -> None:
+        if self.interval <= 0:
+            raise ConfigError("eval.interval", self.interval, "must be a positive integer")
+        if self.max_blocks is not None and self.max_blocks <= 0:
+            raise ConfigError("eval.max_blocks", self.max_blocks, "must be positive or null")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return self.model.attention
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.logging.run_dir) / self.logging.run_name
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.parallel, self.train, self.logging, self.eval):
+            section.validate()
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ConfigError("data.seq_length", self.data.seq_length,
+                              f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["attention"] = out["model"].pop("attention")
+        return {key: out[key] for key in ("model", "attention", "data", "parallel", "train", "logging", "eval")}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type (int, float, bool, str, Optional, list)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        last_error: ConfigError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                last_error = error
+        assert last_error is not None
+        raise last_error
+    if origin is list:
+        if isinstance(value, str):  # a single path given on the command line
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "must be a list")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, key) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "must be true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, value, "must be an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "must be a number")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, value, "must be a string")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, values, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}", value, f"unknown key (valid: {', '.join(sorted(fields))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, None, "override must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    return dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in (raw or {}).items()}
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), value, f"'{part}' is not a section")
+        node[path[-1]] = value
+    attention = raw.pop("attention", None)
+    valid_sections = {f.name for f in dataclasses.fields(RunConfig)} | {"attention"}
+    for key in raw:
+        if key not in valid_sections:
+            raise ConfigError(key, raw[key], f"unknown section (valid: {', '.join(sorted(valid_sections))})")
+    if attention is not None:
+        model = raw.setdefault("model", {})
+        if "attention" in model:
+            raise ConfigError("model.attention", model["attention"], "give attention settings in the top-level "
+                              "'attention' section only")
+        model["attention"] = attention
+    cfg: RunConfig = _build(RunConfig, raw, "config")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ProjectError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ProjectError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ProjectError(f"config file {path} must contain a mapping of sections")
+    return config_from_dict(raw or {}, overrides)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,265 @@
+"""Pretrain an OPT-style model: `python -m launcher.pretrain --config configs/opt_tiny.yaml [--set k=v ...]`.
+
+Also runs unchanged under `deepspeed --num_gpus N launcher/pretrain.py ...` and `torchrun` (data
+parallel with ZeRO stage `parallel.zero_stage`). DeepSpeed carries the optimizer step, gradient
+accumulation and clipping, ZeRO sharding, mixed precision and checkpoint files; this loop only feeds
+batches, evaluates, logs and decides when to checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from data_pipeline import BlockStream, Tokenizer, load_or_train_tokenizer, open_source, validation_blocks
+from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint
+from launcher.config import RunConfig, load_config, save_config
+from launcher.distributed import WorldInfo, all_reduce_sum, init_process_group, world_from_env
+from launcher.metrics import MetricsLogger
+from launcher.schedule import build_scheduler
+from model.attention import resolve_backend
+from model.errors import ConfigError, ProjectError
+from model.opt import OPTForCausalLM
+
+log = logging.getLogger("launcher.pretrain")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--resume", default="none",
+                        help="'auto': continue from the run's latest checkpoint if there is one; "
+                             "a checkpoint path; or 'none' (default)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before any process group starts."""
+
+    cfg: RunConfig
+    world: WorldInfo
+    tokenizer: Tokenizer
+    train_stream: BlockStream
+    val_blocks: list[torch.Tensor]
+    grad_accumulation: int
+    resume_from: tuple[Path, str] | None
+
+
+def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
+    """Validate everything that depends on files or the world size; raises ProjectError on bad input."""
+    step_batch = cfg.train.micro_batch_size * world.world_size
+    if cfg.train.global_batch_size % step_batch:
+        raise ConfigError("train.global_batch_size", cfg.train.global_batch_size,
+                          f"must be a multiple of micro_batch_size x data-parallel ranks = {step_batch}")
+    checkpoint_dir = cfg.run_path / "checkpoints"
+    if resume == "auto":
+        resume_from = resolve_checkpoint(checkpoint_dir, world.world_size) if read_latest(checkpoint_dir) else None
+    elif resume == "none":
+        if read_latest(checkpoint_dir):
+            raise ProjectError(f"run directory {cfg.run_path} already has checkpoints; pass --resume auto to "
+                               f"continue it or set logging.run_name to start a new run")
+        resume_from = None
+    else:
+        resume_from = resolve_checkpoint(Path(resume), world.world_size)
+    tokenizer = load_or_train_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
+    train_stream = BlockStream(open_source(cfg.data, "train"), tokenizer, cfg.data,
+                               dp_rank=world.rank, dp_world=world.world_size)
+    val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=world.rank, dp_world=world.world_size,
+                                   max_blocks=cfg.eval.max_blocks)
+    return Prepared(cfg, world, tokenizer, train_stream, val_blocks,
+                    cfg.train.global_batch_size // step_batch, resume_from)
+
+
+def deepspeed_config(cfg: RunConfig, world: WorldInfo, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": cfg.train.precision == "fp16"},
+        "steps_per_print": 10**9,  # this loop does the logging
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    # nanoGPT's rule: matrices (incl. embeddings) decay; biases, norms, gate biases and sink logits do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+
+
+def batches(stream: BlockStream, micro_batch_size: int) -> Iterator[torch.Tensor]:
+    while True:
+        yield torch.stack([next(stream) for _ in range(micro_batch_size)])
+
+
+@torch.no_grad()
+def evaluate(engine: Any, blocks: list[torch.Tensor], micro_batch_size: int, device: torch.device) -> dict[str, float]:
+    """Validation loss/perplexity over this rank's blocks, summed over all ranks (token-weighted)."""
+    engine.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(blocks), micro_batch_size):
+        batch = torch.stack(blocks[start:start + micro_batch_size]).to(device)
+        loss = engine(batch, labels=batch)
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * tokens
+        count += tokens
+    engine.train()
+    total, count = all_reduce_sum([total, count])
+    mean = total / max(count, 1.0)
+    return {"loss": mean, "ppl": float(torch.tensor(mean).exp()), "tokens": count}
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def train(prep: Prepared) -> dict[str, Any]:
+    import deepspeed
+    from tqdm.auto import tqdm
+
+    cfg, world = prep.cfg, prep.world
+    device = init_process_group()
+    torch.manual_seed(cfg.train.seed)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    model = OPTForCausalLM(cfg.model, seq_length=cfg.data.seq_length)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+                                warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps,
+                                schedule=cfg.train.lr_schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world, prep.grad_accumulation, bf16))
+    run_path, checkpoint_dir = cfg.run_path, cfg.run_path / "checkpoints"
+    if world.is_main:
+        run_path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_path / "config.yaml")
+    metrics = MetricsLogger(run_path, enabled=world.is_main, tensorboard=cfg.logging.tensorboard)
+
+    step = 0
+    if prep.resume_from is not None:
+        state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
+        prep.train_stream.load_state_dict(state["data"])
+        step = int(state["step"])
+        metrics.log(step, "event", {"resumed_from": str(prep.resume_from[0] / prep.resume_from[1])})
+
+    backend = resolve_backend(cfg.attention.backend, cfg.attention.variant, device)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    if world.is_main:
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, attention {cfg.attention.variant} "
+              f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s), "
+              f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
+              f"{cfg.train.global_batch_size} x {cfg.data.seq_length} tokens", flush=True)
+
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(engine, checkpoint_dir, at_step, world.rank, {"data": prep.train_stream.state_dict()},
+                        keep=cfg.train.keep_checkpoints)
+
+    batch_iter = batches(prep.train_stream, cfg.train.micro_batch_size)
+    progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
+                    desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    start_time = time.perf_counter()
+    start_step, window_start, window_loss, window_steps = step, time.perf_counter(), 0.0, 0
+    last_train_loss = float("nan")
+    val: dict[str, float] = {}
+    while step < cfg.train.steps:
+        step_loss = 0.0
+        for _ in range(prep.grad_accumulation):
+            batch = next(batch_iter).to(device)
+            loss = engine(batch, labels=batch)
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss) / prep.grad_accumulation
+        step += 1
+        window_loss += step_loss
+        window_steps += 1
+        progress.update(1)
+        if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
+            (loss_sum,) = all_reduce_sum([window_loss / window_steps])
+            last_train_loss = loss_sum / world.world_size
+            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm()
+            record = {"loss": last_train_loss, "lr": engine.get_lr()[0],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                      "tokens_per_s": window_steps * tokens_per_step / elapsed, "tokens": step * tokens_per_step}
+            metrics.log(step, "train", record)
+            progress.set_postfix(loss=f"{last_train_loss:.3f}", lr=f"{record['lr']:.2e}")
+            window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        if step % cfg.eval.interval == 0 or step == cfg.train.steps:
+            val = evaluate(engine, prep.val_blocks, cfg.train.micro_batch_size, device)
+            metrics.log(step, "val", val)
+            if world.is_main:
+                progress.write(f"step {step}: val loss {val['loss']:.4f}, val ppl {val['ppl']:.2f}")
+        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps:
+            checkpoint(step)
+    progress.close()
+
+    wall = time.perf_counter() - start_time
+    trained_steps = step - start_step
+    summary = {
+        "run_name": cfg.logging.run_name, "steps": step, "tokens": step * tokens_per_step,
+        "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
+        "uniform_ppl": float(cfg.model.vocab_size), "parameters": model.num_parameters(),
+        "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,
+        "world_size": world.world_size, "zero_stage": cfg.parallel.zero_stage,
+        "wall_time_s": wall, "tokens_per_s": trained_steps * tokens_per_step / wall if wall > 0 else None,
+        "checkpoint": str(checkpoint_dir / (read_latest(checkpoint_dir) or "")),
+    }
+    if world.is_main:
+        (run_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary, run_path)
+    metrics.close()
+    return summary
+
+
+def print_summary(summary: dict[str, Any], run_path: Path) -> None:
+    tps = summary["tokens_per_s"]
+    lines = [
+        f"== {summary['run_name']}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens in "
+        f"{_format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
+        f"train loss {summary['train_loss']:.4f} | val loss {summary['val_loss']:.4f} | "
+        f"val ppl {summary['val_ppl']:.2f} (uniform baseline {summary['uniform_ppl']:.0f})",
+        f"attention {summary['attention_variant']} via {summary['attention_backend']}"
+        f"{' + gate' if summary['gated'] else ''}, {summary['parameters'] / 1e6:.2f}M parameters",
+        f"outputs: {run_path}/ (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    world = world_from_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        prep = prepare(cfg, world, args.resume)
+    except ProjectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    train(prep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

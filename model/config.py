@@ -1,0 +1,101 @@
+"""Typed configuration of the model and its attention (the `model:` and `attention:` sections of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.errors import ConfigError
+
+SOFTMAX_VARIANTS = ("softmax", "softmax1", "clipped_softmax", "clipped_softmax1", "learnable_sink")
+ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "triton")
+GATE_TYPES = ("linear", "mlp")
+
+
+@dataclass
+class AttentionConfig:
+    variant: str = "softmax1"
+    backend: str = "auto"
+    # Clipped softmax: clip((zeta - gamma) * p + gamma, 0, 1). When `alpha` is set, gamma = -alpha / seq_length
+    # (the QC paper's OPT recipe, alpha = 12); otherwise `gamma` is used as given.
+    gamma: float = -0.025
+    zeta: float = 1.0
+    alpha: float | None = None
+    # Gated attention ("conditional per token"): an orthogonal flag that works with every variant.
+    gated: bool = False
+    gate_type: str = "linear"
+    gate_hidden: int = 16
+    gate_init_prob: float = 0.25
+
+    def validate(self) -> None:
+        if self.variant not in SOFTMAX_VARIANTS:
+            raise ConfigError("attention.variant", self.variant, f"must be one of {', '.join(SOFTMAX_VARIANTS)}")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ConfigError("attention.backend", self.backend, f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.gate_type not in GATE_TYPES:
+            raise ConfigError("attention.gate_type", self.gate_type, f"must be one of {', '.join(GATE_TYPES)}")
+        if not 0.0 < self.gate_init_prob < 1.0:
+            raise ConfigError("attention.gate_init_prob", self.gate_init_prob, "must lie strictly between 0 and 1")
+        if self.gate_hidden <= 0:
+            raise ConfigError("attention.gate_hidden", self.gate_hidden, "must be positive")
+        if self.zeta < 1.0:
+            raise ConfigError("attention.zeta", self.zeta, "must be >= 1 (zeta < 1 can never reach probability 1)")
+        if self.gamma > 0.0:
+            raise ConfigError("attention.gamma", self.gamma, "must be <= 0 (gamma > 0 can never reach probability 0)")
+        if self.alpha is not None and self.alpha < 0:
+            raise ConfigError("attention.alpha", self.alpha, "must be >= 0")
+
+    def variant_params(self, seq_length: int) -> dict[str, float]:
+        """Keyword arguments that `scaled_dot_product` takes for this variant."""
+        if self.variant.startswith("clipped"):
+            gamma = -self.alpha / seq_length if self.alpha is not None else self.gamma
+            return {"gamma": gamma, "zeta": self.zeta}
+        return {}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of an OPT-style decoder. Defaults are OPT-125m's published shape."""
+
+    family: str = "opt"
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_hidden_size: int = 3072
+    max_position_embeddings: int = 2048
+    vocab_size: int = 50272
+    # Megatron's make-vocab-size-divisible-by: the embedding is padded so TP can split it evenly.
+    pad_vocab_to_multiple_of: int = 1
+    init_std: float = 0.006
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def validate(self) -> None:
+        if self.family != "opt":
+            raise ConfigError("model.family", self.family, "must be 'opt'")
+        for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "max_position_embeddings",
+                    "vocab_size", "pad_vocab_to_multiple_of"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{key}", value, "must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.num_heads", self.num_heads,
+                              f"must divide model.hidden_size={self.hidden_size}")
+        for key in ("dropout", "attention_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{key}", value, "must lie in [0, 1)")
+        if self.init_std <= 0:
+            raise ConfigError("model.init_std", self.init_std, "must be positive")
+        self.attention.validate()
