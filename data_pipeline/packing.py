@@ -1,0 +1,215 @@
+"""Packing documents into fixed-length token blocks, sharding them over data-parallel ranks, resuming.
+
+The token stream of an epoch is: for each document in epoch order, its tokens followed by EOS.
+The stream is cut into consecutive, non-overlapping blocks of seq_length tokens (a document may span
+blocks; nothing is padded). Epochs follow each other without a gap: the tokens left over at the end of
+epoch e continue into the first block of epoch e + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.sources import DocumentSource, open_source
+from data_pipeline.tokenizer import Tokenizer
+from model.errors import ProjectError
+
+STATE_VERSION = 1
+# State keys that must equal the current stream's for a restore to continue the same sequence.
+_MATCHING_KEYS = ("source", "split", "seq_length", "shard_by", "shuffle", "seed", "tokenizer")
+
+
+class BlockStream:
+    """Endless iterator over `torch.LongTensor` blocks of exactly `cfg.seq_length` tokens for one
+    data-parallel rank (dp_rank of dp_world).
+
+    shard_by="blocks" (default): every rank reads and tokenizes the same stream and keeps global block i
+    iff i % dp_world == dp_rank. Guarantee: if every rank forms its micro-batches from consecutive blocks
+    of its stream, step k of DP=W with micro-batch m covers exactly the global blocks k*W*m ...
+    (k+1)*W*m - 1, the same set as step k of a single process with micro-batch W*m (e.g. one process
+    with micro-batch 4 and two ranks with micro-batch 2 see the same 4 blocks per step). Each next()
+    consumes one whole group of dp_world blocks, so after every rank has taken n blocks all ranks hold
+    the SAME state: saving it once (e.g. from rank 0) is enough, and it may be restored with another
+    dp_world (block ownership is then counted from the restore point).
+
+    shard_by="documents": document j of the epoch order goes to rank j % dp_world before packing, so
+    each rank tokenizes only its share (for large streamed corpora). Ranks' states differ; each rank
+    must restore its own.
+
+    `state_dict()` / `load_state_dict()` capture the position exactly: a fresh stream restored from a
+    state yields the very blocks the original would have yielded next, across epoch boundaries too.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, split: str = "train", dp_rank: int = 0,
+                 dp_world: int = 1, *, source: DocumentSource | None = None) -> None:
+        if dp_world < 1 or not 0 <= dp_rank < dp_world:
+            raise ProjectError(f"bad data-parallel position: rank {dp_rank} of world size {dp_world}")
+        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.source = source if source is not None else open_source(cfg, split)
+        self.seq_length = cfg.seq_length
+        self._epoch = 0
+        self._doc_index = 0  # documents of this rank's epoch order already packed
+        self._buffer: list[int] = []  # tokens not yet in a block are self._buffer[self._pos:]
+        self._pos = 0
+        self._global_blocks = 0  # blocks cut from the (global, for shard_by=blocks) stream so far
+        self._blocks_emitted = 0  # blocks this rank has yielded
+        self._docs: Iterator[str] | None = None  # opened lazily at (_epoch, _doc_index)
+        self._epoch_tokens = 0
+        self._epoch_from_start = True
+
+    def __iter__(self) -> BlockStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.cfg.shard_by == "blocks":  # cut the whole group of dp_world blocks, keep ours
+            group = [self._cut_block(keep=i == self.dp_rank) for i in range(self.dp_world)]
+            mine = group[self.dp_rank]
+        else:
+            mine = self._cut_block()
+        self._blocks_emitted += 1
+        return torch.tensor(mine, dtype=torch.long)
+
+    def _cut_block(self, keep: bool = True) -> list[int]:
+        n = self.seq_length
+        while len(self._buffer) - self._pos < n:
+            self._read_document()
+        block = self._buffer[self._pos:self._pos + n] if keep else []
+        self._pos += n
+        self._global_blocks += 1
+        if self._pos > 4 * n and 2 * self._pos > len(self._buffer):  # amortised O(1) compaction
+            del self._buffer[:self._pos]
+            self._pos = 0
+        return block
+
+    def _read_document(self) -> None:
+        if self._docs is None:
+            rank, world = (self.dp_rank, self.dp_world) if self.cfg.shard_by == "documents" else (0, 1)
+            self._docs = self.source.documents(self._epoch, self._doc_index, rank, world)
+        try:
+            text = next(self._docs)
+        except StopIteration:
+            if self._epoch_from_start and self._epoch_tokens == 0:  # would loop forever
+                share = f" for data-parallel rank {self.dp_rank} of {self.dp_world}" \
+                    if self.cfg.shard_by == "documents" and self.dp_world > 1 else ""
+                raise ProjectError(f"empty corpus: no non-empty document in {self.source.name} "
+                                   f"split '{self.split}'{share}") from None
+            self._epoch, self._doc_index, self._docs = self._epoch + 1, 0, None
+            self._epoch_tokens, self._epoch_from_start = 0, True
+            return
+        self._doc_index += 1
+        if text.strip():
+            ids = self.tokenizer.encode(text)
+            ids.append(self.tokenizer.eos_id)
+            self._buffer.extend(ids)
+            self._epoch_tokens += len(ids)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position of the stream (plus what it must be restored into)."""
+        return {
+            "version": STATE_VERSION,
+            "source": self.source.name,
+            "split": self.split,
+            "seq_length": self.seq_length,
+            "shard_by": self.cfg.shard_by,
+            "shuffle": self.cfg.shuffle,
+            "seed": self.cfg.seed,
+            "tokenizer": self.tokenizer.fingerprint,
+            "dp_world": self.dp_world,
+            # Only document sharding makes the state rank-specific.
+            "dp_rank": self.dp_rank if self.cfg.shard_by == "documents" else None,
+            "epoch": self._epoch,
+            "doc_index": self._doc_index,
+            "buffer": self._buffer[self._pos:],
+            "global_blocks": self._global_blocks,
+            "blocks_emitted": self._blocks_emitted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; raise ProjectError when it belongs to a different stream."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ProjectError(f"data state: unsupported version {version!r} (expected {STATE_VERSION})")
+        current = self.state_dict()
+        keys = _MATCHING_KEYS + (("dp_world", "dp_rank") if self.cfg.shard_by == "documents" else ())
+        for key in keys:
+            if state.get(key) != current[key]:
+                raise ProjectError(f"data state does not match this run: {key} is {state.get(key)!r} "
+                                   f"in the checkpoint but {current[key]!r} now")
+        try:
+            epoch, doc_index = int(state["epoch"]), int(state["doc_index"])
+            global_blocks, emitted = int(state["global_blocks"]), int(state["blocks_emitted"])
+            buffer = [int(t) for t in state["buffer"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProjectError(f"data state is malformed: {type(e).__name__}: {e}") from e
+        if min(epoch, doc_index, global_blocks, emitted) < 0 \
+                or any(not 0 <= t < self.tokenizer.vocab_size for t in buffer):
+            raise ProjectError("data state is malformed: negative position or bad token buffer")
+        self._epoch, self._doc_index = epoch, doc_index
+        self._buffer, self._pos = buffer, 0
+        self._global_blocks, self._blocks_emitted = global_blocks, emitted
+        self._docs = None
+        self._epoch_tokens, self._epoch_from_start = 0, doc_index == 0
+
+
+def batch_iterator(blocks: Iterable[torch.Tensor], micro_batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack consecutive blocks into [micro_batch_size, seq_length] batches (a partial tail is dropped)."""
+    if micro_batch_size < 1:
+        raise ProjectError(f"micro batch size must be positive, got {micro_batch_size}")
+    it = iter(blocks)
+    while True:
+        batch = []
+        for _ in range(micro_batch_size):
+            block = next(it, None)
+            if block is None:
+                return
+            batch.append(block)
+        yield torch.stack(batch)
+
+
+def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, epoch: int = 0) -> Iterator[list[int]]:
+    """The full blocks of one epoch of `source` (whole stream, no sharding); the partial tail is dropped."""
+    buffer: list[int] = []
+    pos = 0
+    for text in source.documents(epoch):
+        if not text.strip():
+            continue
+        buffer.extend(tokenizer.encode(text))
+        buffer.append(tokenizer.eos_id)
+        while len(buffer) - pos >= seq_length:
+            yield buffer[pos:pos + seq_length]
+            pos += seq_length
+        del buffer[:pos]
+        pos = 0
+
+
+def validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, split: str = "validation", dp_rank: int = 0,
+                      dp_world: int = 1, max_blocks: int | None = None) -> list[torch.Tensor]:
+    """Fixed evaluation blocks for one rank: the first `max_blocks` global blocks (default
+    None = all) of the unshuffled first epoch of `split`, global block i
+    going to rank i % dp_world, so the union over ranks is the same for every dp_world."""
+    if dp_world < 1 or not 0 <= dp_rank < dp_world:
+        raise ProjectError(f"bad data-parallel position: rank {dp_rank} of world size {dp_world}")
+    source = open_source(replace(cfg, shuffle=False), split)
+    blocks: list[list[int]] = []
+    for block in epoch_blocks(source, tokenizer, cfg.seq_length):
+        blocks.append(block)
+        if max_blocks is not None and len(blocks) >= max_blocks:
+            break
+    if not blocks:
+        raise ProjectError(f"{source.name} split '{split}' has fewer than seq_length={cfg.seq_length} "
+                           f"tokens: no full validation block")
+    mine = blocks[dp_rank::dp_world]
+    if not mine:
+        raise ProjectError(f"only {len(blocks)} validation blocks in {source.name} split '{split}' for "
+                           f"{dp_world} data-parallel ranks: rank {dp_rank} gets none")
+    return [torch.tensor(b, dtype=torch.long) for b in mine]

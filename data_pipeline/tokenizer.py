@@ -1,0 +1,198 @@
+"""SentencePiece tokenizer: training (byte fallback, fixed special ids), caching and a thin wrapper.
+
+Newlines: SentencePiece treats its input as one line of words, so "\\n" gets no piece of its own and
+the word after it loses its word-start marker. We keep newlines as a dedicated user-defined piece
+"\\n" (id 4) and encode text line by line, so every line's first word is tokenized like any other
+word and paragraph structure survives into the model's stream. With the identity normalization and
+remove_extra_whitespaces=False, decode(encode(text)) == text for every string (byte fallback covers
+characters outside the vocabulary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import sentencepiece as spm
+from filelock import FileLock
+
+from data_pipeline.config import DataConfig, expand_files
+from model.errors import ProjectError
+
+log = logging.getLogger(__name__)
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+NEWLINE = "\n"
+CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
+USER_SYMBOLS = [NEWLINE, CLS, SEP, MASK]  # ids 4, 5, 6, 7
+_CACHE_VERSION = 1  # bump when training options change, so old cached models are not reused
+
+
+class Tokenizer:
+    """A SentencePiece model. Special ids: pad=0, unk=1, bos=2, eos=3 (for models trained here)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ProjectError(f"tokenizer file not found: {self.path}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as e:
+            raise ProjectError(f"not a SentencePiece model: {self.path} ({' '.join(str(e).split())})") from e
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.pad_id: int = self.sp.pad_id()
+        self.unk_id: int = self.sp.unk_id()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        if self.eos_id < 0:  # packing separates documents with EOS
+            raise ProjectError(f"tokenizer has no EOS piece: {self.path}")
+        # User-defined pieces (None when an external model lacks them).
+        self.newline_id = self._piece_id(NEWLINE)
+        self.cls_id = self._piece_id(CLS)
+        self.sep_id = self._piece_id(SEP)
+        self.mask_id = self._piece_id(MASK)
+        # Content hash: a BlockStream state records it so a resume with another tokenizer is refused.
+        self.fingerprint = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.newline_id is None or NEWLINE not in text:
+            return self.sp.encode(text)
+        # One call per line: SentencePiece's list API starts a thread pool per call (~4x slower here).
+        ids: list[int] = []
+        for i, line in enumerate(text.split(NEWLINE)):
+            if i:
+                ids.append(self.newline_id)
+            ids.extend(self.sp.encode(line))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self.newline_id is None:
+            return self.sp.decode(ids)
+        lines: list[list[int]] = [[]]
+        for i in ids:
+            if i == self.newline_id:
+                lines.append([])
+            else:
+                lines[-1].append(i)
+        return NEWLINE.join(self.sp.decode(line) for line in lines)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _training_lines(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+    # Documents are fed line by line: encode() splits at newlines the same way, and SentencePiece
+    # silently drops "sentences" longer than max_sentence_length.
+    for text in texts:
+        counter[0] += 1
+        for line in text.split(NEWLINE):
+            if line.strip():
+                counter[1] += 1
+                yield line
+
+
+def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int,
+                    model_type: str = "unigram") -> Path:
+    """Train a SentencePiece model on `texts`; write `<model_prefix>.model` (and `.vocab`) atomically.
+
+    Trains under a unique temporary prefix and renames, so a reader never sees a partial file and two
+    concurrent trainers just replace each other's (equivalent) result. Returns the .model path."""
+    prefix = Path(model_prefix)
+    if prefix.suffix == ".model":
+        prefix = prefix.with_suffix("")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    counter = [0, 0]  # documents, lines
+    try:
+        with open(os.devnull, "w") as quiet:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_training_lines(texts, counter),
+                model_prefix=str(tmp),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=True,  # unseen characters become byte pieces: never <unk>
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                user_defined_symbols=USER_SYMBOLS,
+                normalization_rule_name="identity",  # lossless: decode(encode(x)) == x
+                remove_extra_whitespaces=False,
+                max_sentence_length=1 << 16,  # bytes; long Wikipedia paragraphs are not dropped
+                num_threads=max(1, min(16, os.cpu_count() or 1)),
+                logstream=quiet,
+            )
+    except RuntimeError as e:
+        for suffix in (".model", ".vocab"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        if counter[1] == 0:
+            raise ProjectError(f"no text to train the tokenizer on ({prefix}.model)") from e
+        raise ProjectError(f"tokenizer training failed (vocab_size={vocab_size}, {model_type}, "
+                           f"{counter[0]} documents): {' '.join(str(e).split())}") from e
+    os.replace(f"{tmp}.vocab", f"{prefix}.vocab")
+    os.replace(f"{tmp}.model", f"{prefix}.model")  # last: the .model's existence means "done"
+    log.info("trained %s tokenizer (vocab %d) on %d documents: %s.model", model_type, vocab_size, counter[0], prefix)
+    return Path(f"{prefix}.model")
+
+
+def cached_tokenizer_path(cfg: DataConfig) -> Path:
+    """Where load_or_train_tokenizer keeps the model trained for this corpus and vocabulary."""
+    key: dict[str, object] = {"version": _CACHE_VERSION, "source": cfg.source, "vocab_size": cfg.vocab_size,
+                              "type": cfg.tokenizer_type, "sample_docs": cfg.tokenizer_sample_docs}
+    if cfg.source == "files":
+        key["files"] = [os.path.abspath(p) for p in expand_files(cfg.train_files)]
+        key["text_field"] = cfg.text_field
+        label = "files"
+    else:
+        key["language"] = cfg.language
+        label = cfg.language
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{cfg.source}-{label}-{cfg.tokenizer_type}-{cfg.vocab_size}-{digest}.model"
+    return Path(cfg.cache_dir) / "tokenizers" / name
+
+
+def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """cfg.tokenizer if set; else the cached model for this corpus, trained on first use from at most
+    cfg.tokenizer_sample_docs train documents. A file lock makes one process train while others wait
+    (e.g. every rank calls this at start-up); the model itself is written atomically."""
+    cfg.validate()
+    if cfg.tokenizer is not None:
+        return Tokenizer(cfg.tokenizer)
+    path = cached_tokenizer_path(cfg)
+    if path.is_file():
+        return Tokenizer(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            train_from_config(cfg, path)
+    return Tokenizer(path)
+
+
+def train_from_config(cfg: DataConfig, out: str | os.PathLike) -> tuple[Path, int, str]:
+    """Train on at most cfg.tokenizer_sample_docs documents of the configured train split.
+    Returns (model path, documents used, source name)."""
+    from data_pipeline.sources import open_source  # sources import datasets: only needed to train
+
+    # A fixed-seed shuffled sample, so the tokenizer does not depend on the run's seed or shuffle flag.
+    source = open_source(replace(cfg, shuffle=True, seed=0), "train")
+    used = [0]
+
+    def sample() -> Iterator[str]:
+        for text in islice(source.documents(epoch=0), cfg.tokenizer_sample_docs):
+            used[0] += 1
+            yield text
+
+    start = time.perf_counter()
+    path = train_tokenizer(sample(), out, cfg.vocab_size, cfg.tokenizer_type)
+    log.info("tokenizer for %s trained in %.1f s", source.name, time.perf_counter() - start)
+    return path, used[0], source.name

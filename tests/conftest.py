@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny end-to-end training setup on the bundled Wikipedia sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def tiny_overrides(cache_dir: Path, run_dir: Path, **extra: object) -> list[str]:
+    """A 2-layer, 32-wide OPT on 32-token blocks: seconds per run on CPU."""
+    values: dict[str, object] = {
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_heads": 4, "model.ffn_hidden_size": 64,
+        "model.max_position_embeddings": 32, "model.vocab_size": 512, "model.dropout": 0.0,
+        "data.vocab_size": 512, "data.seq_length": 32, "data.tokenizer_sample_docs": 400,
+        "data.cache_dir": str(cache_dir), "train.steps": 6, "train.micro_batch_size": 4,
+        "train.global_batch_size": 4, "train.warmup_steps": 2, "train.lr": 3e-3, "train.checkpoint_interval": 3,
+        "eval.interval": 3, "eval.max_blocks": 8, "logging.log_interval": 1, "logging.run_dir": str(run_dir),
+        "logging.progress": False,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_pretrain(overrides: list[str], *, resume: str = "none", ranks: int = 1,
+                 config: str = "configs/opt_tiny.yaml", timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    args = ["--config", config, "--resume", resume] + [x for o in overrides for x in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO)
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "launcher.pretrain", *args]
+    else:
+        launcher = shutil.which("deepspeed", path=str(VENV_BIN)) or "deepspeed"
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               "launcher/pretrain.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_path: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """wiki_sample parquet + a 512-piece tokenizer, built once for every training test."""
+    return tmp_path_factory.mktemp("data_cache")
