@@ -40,8 +40,7 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = MultiHeadAttention(
             cfg.hidden_size, cfg.num_heads, cfg.attention, seq_length=seq_length, dropout=cfg.attention_dropout,
-            init_std=cfg.init_std, column=layers.column, row=layers.row, tp_size=layers.tp_size,
-            tp_rank=layers.tp_rank)
+            init_std=cfg.init_std, layers=layers)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.fc1 = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
@@ -95,19 +94,22 @@ class OPTForCausalLM(nn.Module):
         As in Hugging Face's causal LM, predictions are shifted inside the block (position t predicts
         label t+1) and padded positions (attention_mask == 0) or labels == -100 are ignored.
         """
-        logits = self.layers.lm_logits(self.decoder(input_ids, attention_mask), self.lm_head_weight)
+        hidden = self.decoder(input_ids, attention_mask)
         if labels is None:
-            return logits
-        losses, count = self.token_losses(logits, labels, attention_mask)
+            return self.layers.lm_logits(hidden, self.lm_head_weight)
+        losses, count = self.token_losses(hidden, labels, attention_mask)
         return losses.sum() / count.clamp_min(1)
 
-    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor,
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position losses [batch, seq - 1] of the shifted prediction, and the number that count."""
+        """Per-position losses [batch, seq - 1] of the shifted prediction, and the number that count.
+
+        The last position predicts nothing in the block, so its logits are never computed."""
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         shifted = labels[:, 1:]
-        return self.layers.token_losses(logits[:, :-1], shifted), (shifted != IGNORE_INDEX).sum()
+        logits = self.layers.lm_logits(hidden[:, :-1], self.lm_head_weight)
+        return self.layers.token_losses(logits, shifted), (shifted != IGNORE_INDEX).sum()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -1,0 +1,52 @@
+"""The parallel layout (tensor x pipeline x data) of a run, validated before any process group exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+from model.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    def describe(self) -> str:
+        return f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}"
+
+
+def validate_layout(model: ModelConfig, *, tensor: int, pipeline: int, zero_stage: int, world_size: int,
+                    micro_batch_size: int, global_batch_size: int) -> Layout:
+    """Check that the model and batch split evenly over the layout; one ConfigError line otherwise."""
+    for key, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(key, value, "must be a positive integer")
+    if world_size % (tensor * pipeline):
+        raise ConfigError("parallel.tensor", tensor, f"tensor x pipeline = {tensor * pipeline} must divide the "
+                          f"world size {world_size}")
+    for key, size in (("model.num_heads", model.num_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
+                      ("model.hidden_size", model.hidden_size)):
+        if size % tensor:
+            raise ConfigError("parallel.tensor", tensor, f"must divide {key}={size}")
+    if model.padded_vocab_size % tensor:
+        raise ConfigError("parallel.tensor", tensor, f"must divide the padded vocabulary {model.padded_vocab_size}; "
+                          f"set model.pad_vocab_to_multiple_of to a multiple of {tensor}")
+    if pipeline > model.num_layers:
+        raise ConfigError("parallel.pipeline", pipeline, f"exceeds model.num_layers={model.num_layers}: every "
+                          "pipeline stage needs at least one layer")
+    if pipeline > 1 and zero_stage > 1:
+        raise ConfigError("parallel.zero_stage", zero_stage, "ZeRO-2/3 cannot be combined with pipeline parallelism "
+                          "(DeepSpeed supports ZeRO-1 with pipelines)")
+    data = world_size // (tensor * pipeline)
+    step_batch = micro_batch_size * data
+    if global_batch_size % step_batch:
+        raise ConfigError("train.global_batch_size", global_batch_size,
+                          f"must be a multiple of micro_batch_size x data-parallel ranks = {step_batch}")
+    return Layout(tensor=tensor, pipeline=pipeline, data=data)
