@@ -1,0 +1,192 @@
+"""The model of a run in its parallel layout, wrapped by DeepSpeed, with layout-aware train/eval steps.
+
+Every layout is built the same way: the full single-process model is initialised from the run seed
+(or weights are loaded from a full state dict), then each rank copies its shard (parallel/sharding.py).
+So TP/PP/DP runs start from exactly the weights of the single-process run, and weights move freely
+between layouts. Layouts: plain module (TP1 PP1), megatron-core TP layers (TP>1, DeepSpeed `mpu` =
+megatron-core's groups), DeepSpeed PipelineModule (PP>1, its topology gives the groups; TP inside).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers import LocalLayers
+from model.opt import OPTForCausalLM
+from parallel.groups import MegatronMPU, init_model_parallel
+from parallel.layout import Layout
+from parallel.pipeline import build_pipeline, canonical_name
+from parallel.random import seed_model_parallel_rng
+from parallel.sharding import load_full_state_dict, manifest, partition_dim
+
+
+@dataclass
+class ParallelModel:
+    engine: Any
+    layout: Layout
+    module: nn.Module
+    name_map: Callable[[str], str]
+
+    @property
+    def pipelined(self) -> bool:
+        return self.layout.pipeline > 1
+
+    @property
+    def tp_rank(self) -> int:
+        return ps.get_tensor_model_parallel_rank()
+
+    @property
+    def dp_group(self) -> Any:
+        return ps.get_data_parallel_group()
+
+    def manifest(self) -> dict[str, Any]:
+        """What consolidation needs to find and merge this rank's parameters in DeepSpeed's files."""
+        params = manifest(self.module, self.name_map)
+        if self.pipelined:
+            files = {}
+            for name in params:
+                index = 0 if name.startswith("tied_modules.") else int(name.split(".", 1)[0])
+                local = name.split(".", 2)[2] if name.startswith("tied_modules.") else name.split(".", 1)[1]
+                path = self.module.ckpt_layer_path("", index - self.module._local_start)  # type: ignore[operator]
+                files[name] = {"file": path.lstrip("/"), "key": local}
+        else:
+            files = {name: {"file": f"mp_rank_{self.tp_rank:02d}_model_states.pt", "key": name} for name in params}
+        return {"layout": vars(self.layout), "tp_rank": self.tp_rank,
+                "pp_rank": ps.get_pipeline_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+                "params": {name: {**params[name], **files[name]} for name in params}}
+
+
+def _full_model(cfg: ModelConfig, seq_length: int, seed: int) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    return OPTForCausalLM(cfg, seq_length=seq_length)
+
+
+def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, seed: int, ds_config: dict[str, Any],
+                         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                         make_scheduler: Callable[[torch.optim.Optimizer], Any],
+                         partition_method: str = "type:OPTDecoderLayer", activation_checkpointing: bool = False,
+                         initial_state: Mapping[str, torch.Tensor] | None = None,
+                         initial_source: str = "initial weights") -> ParallelModel:
+    import deepspeed
+
+    init_model_parallel(layout.tensor, layout.pipeline)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    seed_model_parallel_rng(seed, tp_rank)
+    full = _full_model(cfg, seq_length, seed)
+    if initial_state is not None:
+        load_full_state_dict(full, initial_state, tp_size=1, tp_rank=0, source=initial_source)
+    name_map: Callable[[str], str] = lambda name: name  # noqa: E731
+    if layout.tensor == 1 and layout.pipeline == 1:
+        module: nn.Module = full
+    else:
+        if layout.tensor > 1:
+            from parallel.tensor_parallel import TensorParallelLayers
+
+            layers: LocalLayers = TensorParallelLayers(cfg.init_std)
+        else:
+            layers = LocalLayers(cfg.init_std)
+        if layout.pipeline > 1:
+            module = build_pipeline(cfg, seq_length, layers, pipeline=layout.pipeline, tensor=layout.tensor,
+                                    data=layout.data, partition_method=partition_method,
+                                    activation_checkpointing=activation_checkpointing)
+            name_map = partial(canonical_name, num_layers=cfg.num_layers)
+        else:
+            module = OPTForCausalLM(cfg, seq_length=seq_length, layers=layers)
+        load_full_state_dict(module, full.state_dict(), tp_size=layout.tensor, tp_rank=tp_rank, name_map=name_map,
+                             source=initial_source)
+        del full
+    optimizer = make_optimizer(module)
+    mpu = MegatronMPU() if layout.tensor > 1 and layout.pipeline == 1 else None  # a PipelineModule brings its grid
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
+                                           config=ds_config, mpu=mpu)
+    return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map)
+
+
+def gradient_norm(module: nn.Module) -> float:
+    """Global L2 norm of the gradients: split parameters summed over TP ranks, replicated ones once."""
+    split = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for param in module.parameters():
+        if param.grad is None:
+            continue
+        squares = param.grad.detach().double().pow(2).sum().cpu()
+        if partition_dim(param) is not None:
+            split += squares
+        else:
+            replicated += squares
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        group = ps.get_tensor_model_parallel_group()
+        dist.all_reduce(split.to(_comm_device(group)), group=group)
+    return math.sqrt(float(split + replicated))
+
+
+def _comm_device(group: Any) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _dp_mean(value: float, pm: ParallelModel) -> float:
+    if pm.layout.data == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_comm_device(pm.dp_group))
+    dist.all_reduce(tensor, group=pm.dp_group)
+    return float(tensor.item()) / pm.layout.data
+
+
+def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumulation: int, zero_stage: int,
+               device: torch.device) -> tuple[float, float | None]:
+    """One optimizer step over `grad_accumulation` micro-batches: (mean loss over DP ranks, grad norm)."""
+    engine = pm.engine
+    if pm.pipelined:
+        pairs = ((b.to(device), b.to(device)) for b in batches)
+        loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
+        norm = engine.get_global_grad_norm()
+        return loss, float(norm) if norm is not None else None
+    step_loss, norm = 0.0, None
+    for _ in range(grad_accumulation):
+        batch = next(batches).to(device)
+        loss = engine(batch, labels=batch)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and zero_stage == 0:
+            norm = gradient_norm(engine.module)  # ZeRO-0 does not record it; gradients are whole here
+        engine.step()
+        step_loss += loss.item() / grad_accumulation
+    if norm is None:
+        ds_norm = engine.get_global_grad_norm()
+        norm = float(ds_norm) if ds_norm is not None else None
+    return _dp_mean(step_loss, pm), norm
+
+
+@torch.no_grad()
+def eval_loss(pm: ParallelModel, blocks: list[torch.Tensor], micro_batch_size: int,
+              device: torch.device) -> dict[str, float]:
+    """Token-weighted validation loss over every data-parallel rank's blocks."""
+    engine = pm.engine
+    engine.eval()
+    if pm.pipelined:
+        # A pipeline keeps micro-batch shapes fixed: a partial last micro-batch is left out.
+        full = len(blocks) // micro_batch_size
+        batches = [torch.stack(blocks[i * micro_batch_size:(i + 1) * micro_batch_size]).to(device)
+                   for i in range(full)]
+        loss = float(engine.eval_batch(iter([(b, b) for b in batches]), num_micro_batches=full))
+        count = float(full * micro_batch_size * (blocks[0].shape[0] - 1) * pm.layout.data)
+        total = loss * count
+    else:
+        total, count = 0.0, 0.0
+        for start in range(0, len(blocks), micro_batch_size):
+            batch = torch.stack(blocks[start:start + micro_batch_size]).to(device)
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(engine(batch, labels=batch)) * tokens
+            count += tokens
+        total, count = _dp_mean(total, pm) * pm.layout.data, _dp_mean(count, pm) * pm.layout.data
+    engine.train()
+    mean = total / max(count, 1.0)
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}
