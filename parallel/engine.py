@@ -26,7 +26,7 @@ from parallel.groups import MegatronMPU, init_model_parallel
 from parallel.layout import Layout
 from parallel.pipeline import build_pipeline, canonical_name
 from parallel.random import seed_model_parallel_rng
-from parallel.sharding import load_full_state_dict, manifest, partition_dim
+from parallel.sharding import load_full_state_dict, manifest, merge_shards, partition_dim
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ParallelModel:
     layout: Layout
     module: nn.Module
     name_map: Callable[[str], str]
+    num_parameters: int
 
     @property
     def pipelined(self) -> bool:
@@ -47,6 +48,17 @@ class ParallelModel:
     @property
     def dp_group(self) -> Any:
         return ps.get_data_parallel_group()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The canonical full state dict on global rank 0 ({} elsewhere); a collective over all ranks."""
+        if self.layout.tensor == 1 and self.layout.pipeline == 1:
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if dist.get_rank() == 0 else {}
+        params = manifest(self.module, self.name_map)
+        mine = ({name: p.detach().cpu() for name, p in self.module.named_parameters()}, params, self.tp_rank) \
+            if ps.get_data_parallel_rank() == 0 else None
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        return merge_shards([g for g in gathered if g is not None]) if dist.get_rank() == 0 else {}
 
     def manifest(self) -> dict[str, Any]:
         """What consolidation needs to find and merge this rank's parameters in DeepSpeed's files."""
@@ -82,6 +94,7 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
     tp_rank = ps.get_tensor_model_parallel_rank()
     seed_model_parallel_rng(seed, tp_rank)
     full = _full_model(cfg, seq_length, seed)
+    num_parameters = full.num_parameters()
     if initial_state is not None:
         load_full_state_dict(full, initial_state, tp_size=1, tp_rank=0, source=initial_source)
     name_map: Callable[[str], str] = lambda name: name  # noqa: E731
@@ -108,7 +121,8 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
     mpu = MegatronMPU() if layout.tensor > 1 and layout.pipeline == 1 else None  # a PipelineModule brings its grid
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
                                            config=ds_config, mpu=mpu)
-    return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map)
+    return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map,
+                         num_parameters=num_parameters)
 
 
 def gradient_norm(module: nn.Module) -> float:

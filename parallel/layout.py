@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 from model.errors import ConfigError
 
+# How DeepSpeed splits the layer list over pipeline stages ("type:" balances decoder layers).
+PARTITION_METHODS = ("parameters", "uniform", "type:OPTDecoderLayer")
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -19,9 +19,9 @@ from torch import nn
 from model.config import ModelConfig
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.opt import LearnedPositions, OPTDecoderLayer
+from parallel.layout import PARTITION_METHODS  # noqa: F401  (re-exported)
 
 TIED_KEY = "embed"
-PARTITION_METHODS = ("parameters", "uniform", "type:OPTDecoderLayer")
 
 
 class TokenEmbedding(nn.Module):

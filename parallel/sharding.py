@@ -54,20 +54,29 @@ def load_full_state_dict(module: nn.Module, full: Mapping[str, torch.Tensor], *,
             param.copy_(value.to(param.dtype))
 
 
-def merge_shards(shards: list[tuple[Mapping[str, torch.Tensor], Mapping[str, dict]]]) -> dict[str, torch.Tensor]:
-    """Consolidate [(module state dict, manifest)] of all TP ranks (in rank order) and stages.
+def merge_shards(shards: list[tuple[Mapping[str, torch.Tensor], Mapping[str, dict], int]]) -> dict[str, torch.Tensor]:
+    """Consolidate [(state dict, manifest, tp_rank)] covering every TP rank of every pipeline stage.
 
-    Each shard's manifest maps its parameter names to canonical names and partition dims; replicated
-    parameters are taken once (from the first rank that has them).
+    Each manifest maps its parameter names to canonical names and partition dims. A parameter held by
+    several shards of the same TP rank (replicated over stages, e.g. the tied embedding on the first
+    and last stage) is taken once; split parameters are concatenated in TP-rank order.
     """
-    pieces: dict[str, list[torch.Tensor]] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
     dims: dict[str, int | None] = {}
-    for state, names in shards:
+    for state, names, tp_rank in shards:
         for name, info in names.items():
             if name not in state:
                 raise ProjectError(f"checkpoint shard lacks parameter '{name}'")
             canonical, dim = info["canonical"], info["partition_dim"]
             dims[canonical] = dim
-            pieces.setdefault(canonical, []).append(state[name].detach().cpu())
-    return {name: torch.cat(parts, dim=dims[name]) if dims[name] is not None else parts[0]
-            for name, parts in pieces.items()}
+            pieces.setdefault(canonical, {}).setdefault(tp_rank, state[name].detach().cpu())
+    merged = {}
+    for name, by_rank in pieces.items():
+        ranks = sorted(by_rank)
+        if dims[name] is None:
+            merged[name] = by_rank[ranks[0]]
+            continue
+        if ranks != list(range(len(ranks))):
+            raise ProjectError(f"checkpoint shards of '{name}' cover TP ranks {ranks}, not 0..{len(ranks) - 1}")
+        merged[name] = torch.cat([by_rank[r] for r in ranks], dim=dims[name])
+    return merged
