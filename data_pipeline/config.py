@@ -21,6 +21,7 @@ WIKI40B_LANGUAGES = (
 )
 # pad, unk, bos, eos, "\n", [CLS], [SEP], [MASK] plus 256 byte-fallback pieces are always in the vocabulary.
 MIN_VOCAB_SIZE = 8 + 256
+HF_TOKENIZER_PREFIX = "hf:"  # data.tokenizer: hf:<dir> names a Hugging Face tokenizer folder
 
 
 @dataclass
@@ -31,7 +32,9 @@ class DataConfig:
     validation_files: list[str] = field(default_factory=list)
     text_field: str = "text"
     cache_dir: str = ".cache/data"  # tokenizer + wiki_sample parquet cache (relative to CWD)
-    tokenizer: str | None = None  # a SentencePiece .model; None = train on the train split, cache under cache_dir
+    # A SentencePiece .model, or "hf:<dir>" (a Hugging Face tokenizer folder, e.g. OPT's GPT-2 BPE after
+    # launcher.import_hf); None = train on the train split, cache under cache_dir.
+    tokenizer: str | None = None
     vocab_size: int = 8192
     tokenizer_type: str = "unigram"  # or "bpe"
     tokenizer_sample_docs: int = 20000  # at most this many train documents feed tokenizer training
@@ -76,7 +79,10 @@ class DataConfig:
                 raise ConfigError("data.train_files", self.train_files, "source=files needs at least one path")
             expand_files(self.train_files)
             expand_files(self.validation_files)
-        if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
+        if self.tokenizer is not None and self.tokenizer.startswith(HF_TOKENIZER_PREFIX):
+            if not os.path.isdir(self.tokenizer[len(HF_TOKENIZER_PREFIX):]):
+                raise ProjectError(f"tokenizer folder not found: {self.tokenizer[len(HF_TOKENIZER_PREFIX):]}")
+        elif self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ProjectError(f"tokenizer file not found: {self.tokenizer}")
 
 

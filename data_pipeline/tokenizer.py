@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 from filelock import FileLock
 
-from data_pipeline.config import DataConfig, expand_files
+from data_pipeline.config import HF_TOKENIZER_PREFIX, DataConfig, expand_files
 from model.errors import ProjectError
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,53 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder (`data.tokenizer: hf:<dir>`) behind Tokenizer's interface, e.g.
+    OPT's GPT-2 BPE for continuing published OPT weights. Encodes without special tokens, as Tokenizer."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ProjectError(f"tokenizer folder not found: {self.path}")
+        try:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(str(self.path))
+        except ImportError:
+            raise ProjectError(f"data.tokenizer '{HF_TOKENIZER_PREFIX}{self.path}' needs the transformers package") from None
+        except Exception as e:
+            raise ProjectError(f"not a Hugging Face tokenizer folder: {self.path} ({' '.join(str(e).split())})") from e
+        self.hf.model_max_length = int(1e30)  # documents are split into blocks later: no length warnings
+        self.vocab_size: int = len(self.hf)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            -1 if i is None else int(i)
+            for i in (self.hf.pad_token_id, self.hf.unk_token_id, self.hf.bos_token_id, self.hf.eos_token_id))
+        if self.eos_id < 0:
+            raise ProjectError(f"tokenizer has no EOS token: {self.path}")
+        self.newline_id = self.cls_id = self.sep_id = self.mask_id = None
+        digest = hashlib.sha256()
+        for file in sorted(p for p in self.path.iterdir() if p.is_file()):
+            digest.update(file.name.encode() + file.read_bytes())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def open_tokenizer(spec: str | os.PathLike) -> Tokenizer | HFTokenizer:
+    """A SentencePiece .model path, or "hf:<dir>" for a Hugging Face tokenizer folder."""
+    spec = str(spec)
+    if spec.startswith(HF_TOKENIZER_PREFIX):
+        return HFTokenizer(spec[len(HF_TOKENIZER_PREFIX):])
+    return Tokenizer(spec)
 
 
 def _training_lines(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
@@ -161,13 +208,13 @@ def cached_tokenizer_path(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / "tokenizers" / name
 
 
-def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer:
+def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
     """cfg.tokenizer if set; else the cached model for this corpus, trained on first use from at most
     cfg.tokenizer_sample_docs train documents. A file lock makes one process train while others wait
     (e.g. every rank calls this at start-up); the model itself is written atomically."""
     cfg.validate()
     if cfg.tokenizer is not None:
-        return Tokenizer(cfg.tokenizer)
+        return open_tokenizer(cfg.tokenizer)
     path = cached_tokenizer_path(cfg)
     if path.is_file():
         return Tokenizer(path)

@@ -20,6 +20,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import AttentionConfig, ModelConfig
 from model.errors import ConfigError, ProjectError
+from parallel.layout import PARTITION_METHODS
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,12 +28,27 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class ParallelConfig:
-    # DeepSpeed ZeRO stage for data parallelism (0 = plain DDP-style all-reduce).
+    """Layout: data-parallel size = world size / (tensor x pipeline); checked against the world in prepare()."""
+
+    tensor: int = 1  # megatron-core tensor parallelism (heads, FFN units and vocabulary split over ranks)
+    pipeline: int = 1  # DeepSpeed pipeline stages (1F1B)
+    # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); pipelines allow 0 or 1.
     zero_stage: int = 0
+    partition_method: str = "type:OPTDecoderLayer"  # how layers are split over pipeline stages
+    activation_checkpointing: bool = False  # recompute each pipeline layer's activations in backward
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        for key in ("tensor", "pipeline"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}", getattr(self, key), "must be a positive integer")
+        if self.partition_method not in PARTITION_METHODS:
+            raise ConfigError("parallel.partition_method", self.partition_method,
+                              f"must be one of {', '.join(PARTITION_METHODS)}")
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ConfigError("parallel.zero_stage", self.zero_stage, "ZeRO-2/3 cannot be combined with pipeline "
+                              "parallelism (DeepSpeed supports ZeRO-1 with pipelines)")
 
 
 @dataclass
@@ -57,6 +73,9 @@ class TrainConfig:
     # Megatron's --exit-interval: checkpoint and exit once the step is a multiple of this (for
     # time-limited jobs); the schedule still runs to `steps` over the resumed runs.
     exit_interval: int | None = None
+    # Start from these weights (fresh optimizer and data stream): a weights-only checkpoint (launcher.import_hf,
+    # parallel.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
+    init_from: str | None = None
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval"):
@@ -96,6 +115,8 @@ class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
     progress: bool = True
+    # Peak dense TFLOP/s of one accelerator for MFU; null = known GPUs' datasheet value (none on CPU).
+    peak_tflops: float | None = None
 
     def validate(self) -> None:
         if self.log_interval <= 0:
@@ -104,16 +125,37 @@ class LoggingConfig:
             raise ConfigError("logging.run_name", self.run_name, "must be a non-empty name without '/'")
 
 
+W8A8_WEIGHT_RANGES = ("mse", "minmax")
+
+
 @dataclass
 class EvalConfig:
     interval: int = 200  # validation perplexity every N steps (and always at the end)
     max_blocks: int | None = 64  # validation blocks per evaluation (None = the whole split)
+    # Outlier statistics + W8A8 perplexity (outliers/) every N steps and at the end, saved next to that
+    # step's checkpoint (a checkpoint is written at these steps); null = never.
+    outlier_interval: int | None = 1000
+    # W8A8 calibration on the first batches of the train split (OPT protocol: 4 batches x 8 sequences).
+    calibration_batches: int = 4
+    calibration_batch_size: int = 8
+    w8a8_weight_range: str = "mse"  # symmetric per-tensor weight range: mse grid search (OPT) or minmax (BERT)
+    w8a8_act_percentile: float | None = 99.999  # clip each calibration batch to (100-p, p) percentiles; null = off
 
     def validate(self) -> None:
         if self.interval <= 0:
             raise ConfigError("eval.interval", self.interval, "must be a positive integer")
         if self.max_blocks is not None and self.max_blocks <= 0:
             raise ConfigError("eval.max_blocks", self.max_blocks, "must be positive or null")
+        if self.outlier_interval is not None and self.outlier_interval <= 0:
+            raise ConfigError("eval.outlier_interval", self.outlier_interval, "must be a positive integer or null")
+        for key in ("calibration_batches", "calibration_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"eval.{key}", getattr(self, key), "must be a positive integer")
+        if self.w8a8_weight_range not in W8A8_WEIGHT_RANGES:
+            raise ConfigError("eval.w8a8_weight_range", self.w8a8_weight_range,
+                              f"must be one of {', '.join(W8A8_WEIGHT_RANGES)}")
+        if self.w8a8_act_percentile is not None and not 50.0 < self.w8a8_act_percentile <= 100.0:
+            raise ConfigError("eval.w8a8_act_percentile", self.w8a8_act_percentile, "must lie in (50, 100] or null")
 
 
 @dataclass

@@ -16,19 +16,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from data_pipeline import BlockStream, Tokenizer, load_or_train_tokenizer, validation_blocks
-from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint
+from data_pipeline import BlockStream, Tokenizer, batch_iterator, load_or_train_tokenizer, validation_blocks
+from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint, step_tag
 from launcher.config import RunConfig, load_config, save_config
-from launcher.distributed import WorldInfo, all_reduce_sum, init_process_group, world_from_env
+from launcher.distributed import WorldInfo, init_process_group, world_from_env
+from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
 from launcher.schedule import build_scheduler
+from launcher.signals import GracefulStop
+from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from model.errors import ConfigError, ProjectError
-from model.opt import OPTForCausalLM
+from parallel.engine import build_parallel_model, eval_loss, train_step
+from parallel.layout import Layout, validate_layout
+from parallel.random import TRACKER
+from outliers.periodic import PeriodicOutlierEval, check_config as check_outlier_config
 
 log = logging.getLogger("launcher.pretrain")
 
@@ -56,14 +62,17 @@ class Prepared:
     val_blocks: list[torch.Tensor]
     grad_accumulation: int
     resume_from: tuple[Path, str] | None
+    layout: Layout
 
 
 def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     """Validate everything that depends on files or the world size; raises ProjectError on bad input."""
-    step_batch = cfg.train.micro_batch_size * world.world_size
-    if cfg.train.global_batch_size % step_batch:
-        raise ConfigError("train.global_batch_size", cfg.train.global_batch_size,
-                          f"must be a multiple of micro_batch_size x data-parallel ranks = {step_batch}")
+    layout = validate_layout(cfg.model, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
+                             zero_stage=cfg.parallel.zero_stage, world_size=world.world_size,
+                             micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size)
+    # megatron-core / DeepSpeed rank order: tensor innermost, then data, pipeline outermost.
+    dp_rank = (world.rank // layout.tensor) % layout.data
+    check_outlier_config(cfg)
     checkpoint_dir = cfg.run_path / "checkpoints"
     if resume == "auto":
         resume_from = resolve_checkpoint(checkpoint_dir, world.world_size) if read_latest(checkpoint_dir) else None
@@ -74,15 +83,17 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
         resume_from = None
     else:
         resume_from = resolve_checkpoint(Path(resume), world.world_size)
+    if cfg.train.init_from is not None and resume_from is None:
+        init_state(cfg.train.init_from, cfg)  # checked here, loaded again in train()
     tokenizer = load_or_train_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
-    train_stream = BlockStream(cfg.data, tokenizer, "train", dp_rank=world.rank, dp_world=world.world_size)
-    val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=world.rank, dp_world=world.world_size,
+    train_stream = BlockStream(cfg.data, tokenizer, "train", dp_rank=dp_rank, dp_world=layout.data)
+    val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
                                    max_blocks=cfg.eval.max_blocks)
-    return Prepared(cfg, world, tokenizer, train_stream, val_blocks,
-                    cfg.train.global_batch_size // step_batch, resume_from)
+    grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
+    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, layout)
 
 
 def deepspeed_config(cfg: RunConfig, world: WorldInfo, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
@@ -107,128 +118,114 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
 
 
-def gradient_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def batches(stream: BlockStream, micro_batch_size: int) -> Iterator[torch.Tensor]:
-    while True:
-        yield torch.stack([next(stream) for _ in range(micro_batch_size)])
-
-
-@torch.no_grad()
-def evaluate(engine: Any, blocks: list[torch.Tensor], micro_batch_size: int, device: torch.device) -> dict[str, float]:
-    """Validation loss/perplexity over this rank's blocks, summed over all ranks (token-weighted)."""
-    engine.eval()
-    total, count = 0.0, 0.0
-    for start in range(0, len(blocks), micro_batch_size):
-        batch = torch.stack(blocks[start:start + micro_batch_size]).to(device)
-        loss = engine(batch, labels=batch)
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(loss) * tokens
-        count += tokens
-    engine.train()
-    total, count = all_reduce_sum([total, count])
-    mean = total / max(count, 1.0)
-    return {"loss": mean, "ppl": float(torch.tensor(mean).exp()), "tokens": count}
-
-
 def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 def train(prep: Prepared) -> dict[str, Any]:
-    import deepspeed
     from tqdm.auto import tqdm
 
     cfg, world = prep.cfg, prep.world
     device = init_process_group()
     torch.manual_seed(cfg.train.seed)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    model = OPTForCausalLM(cfg.model, seq_length=cfg.data.seq_length)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr,
-                                warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps,
-                                schedule=cfg.train.lr_schedule)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world, prep.grad_accumulation, bf16))
+    layout = prep.layout
+    initial = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and prep.resume_from is None else None
+    pm = build_parallel_model(
+        cfg.model, layout, seq_length=cfg.data.seq_length, seed=cfg.train.seed,
+        initial_state=initial, initial_source=f"train.init_from {cfg.train.init_from}",
+        ds_config=deepspeed_config(cfg, world, prep.grad_accumulation, bf16),
+        make_optimizer=lambda module: build_optimizer(module, cfg),
+        make_scheduler=lambda optimizer: build_scheduler(
+            optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
+            total_steps=cfg.train.steps, schedule=cfg.train.lr_schedule),
+        partition_method=cfg.parallel.partition_method,
+        activation_checkpointing=cfg.parallel.activation_checkpointing)
+    engine = pm.engine
     run_path, checkpoint_dir = cfg.run_path, cfg.run_path / "checkpoints"
     if world.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_path / "config.yaml")
     metrics = MetricsLogger(run_path, enabled=world.is_main, tensorboard=cfg.logging.tensorboard)
+    outlier_eval = PeriodicOutlierEval.create(cfg, prep.tokenizer, prep.val_blocks, metrics, is_main=world.is_main,
+                                              world_size=world.world_size)
 
     step = 0
     if prep.resume_from is not None:
         state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
         prep.train_stream.load_state_dict(state["data"])
+        TRACKER.load_state_dict(state["tp_rng"])
         step = int(state["step"])
         metrics.log(step, "event", {"resumed_from": str(prep.resume_from[0] / prep.resume_from[1])})
+    elif initial is not None:
+        metrics.log(step, "event", {"initialized_from": cfg.train.init_from})
 
     backend = resolve_backend(cfg.attention.backend, cfg.attention.variant, device)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     if world.is_main:
-        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, attention {cfg.attention.variant} "
-              f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s), "
-              f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
+        print(f"model: {pm.num_parameters / 1e6:.2f}M parameters, attention {cfg.attention.variant} "
+              f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s) as "
+              f"{layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
               f"{cfg.train.global_batch_size} x {cfg.data.seq_length} tokens", flush=True)
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(engine, checkpoint_dir, at_step, world.rank, {"data": prep.train_stream.state_dict()},
-                        keep=cfg.train.keep_checkpoints)
+        save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
+                        {"data": prep.train_stream.state_dict(), "tp_rng": TRACKER.state_dict(),
+                         "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints)
 
-    batch_iter = batches(prep.train_stream, cfg.train.micro_batch_size)
+    batch_iter = batch_iterator(prep.train_stream, cfg.train.micro_batch_size)
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    stopper = GracefulStop()
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
+    peak = peak_tflops(cfg.logging.peak_tflops)
     start_time = time.perf_counter()
     start_step, window_start, window_loss, window_steps = step, time.perf_counter(), 0.0, 0
     last_train_loss = float("nan")
     val: dict[str, float] = {}
+    stopping = False
     while step < cfg.train.steps:
-        step_loss, step_lr, grad_norm = 0.0, engine.get_lr()[0], None
-        for _ in range(prep.grad_accumulation):
-            batch = next(batch_iter).to(device)
-            loss = engine(batch, labels=batch)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and cfg.parallel.zero_stage == 0:
-                # ZeRO-0 does not record the norm; gradients are whole (and all-reduced) here.
-                grad_norm = gradient_norm(engine.module)
-            engine.step()
-            step_loss += loss.item() / prep.grad_accumulation
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
+        step_lr = engine.get_lr()[0]
+        step_loss, grad_norm = train_step(pm, batch_iter, prep.grad_accumulation, cfg.parallel.zero_stage, device)
         step += 1
         window_loss += step_loss
         window_steps += 1
         progress.update(1)
         if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
-            (loss_sum,) = all_reduce_sum([window_loss / window_steps])
-            last_train_loss = loss_sum / world.world_size
+            last_train_loss = window_loss / window_steps
             elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
             record = {"loss": last_train_loss, "lr": step_lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                      "tokens_per_s": window_steps * tokens_per_step / elapsed, "tokens": step * tokens_per_step}
+                      "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step,
+                      **throughput_metrics(tokens_per_s, flops_token, world.world_size, peak)}
             metrics.log(step, "train", record)
             progress.set_postfix(loss=f"{last_train_loss:.3f}", lr=f"{record['lr']:.2e}")
             window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
         if step % cfg.eval.interval == 0 or step == cfg.train.steps:
-            val = evaluate(engine, prep.val_blocks, cfg.train.micro_batch_size, device)
+            val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
             metrics.log(step, "val", val)
             if world.is_main:
                 progress.write(f"step {step}: val loss {val['loss']:.4f}, val ppl {val['ppl']:.2f}")
-        exiting = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
-        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting:
+        stopping = stopper.should_stop()  # SIGTERM/SIGUSR1 on any rank: checkpoint this step, then exit
+        exiting = stopping or (bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0)
+        outliers_due = outlier_eval is not None and outlier_eval.due(step)
+        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting or outliers_due:
             checkpoint(step)
+        if outliers_due:  # evaluates the checkpoint just written; outliers.json goes next to it
+            line = outlier_eval.run(pm.full_state_dict(), step, checkpoint_dir / step_tag(step), device)
+            if line:
+                progress.write(line)
         if exiting and step < cfg.train.steps:
             if world.is_main:
-                progress.write(f"step {step}: exit_interval reached; continue with --resume auto")
+                reason = f"{stopper.signal_name} received" if stopping else "exit_interval reached"
+                progress.write(f"step {step}: {reason}; checkpoint saved, continue with --resume auto")
             break
     progress.close()
     if not val:  # resumed at or past the last step: still report where the model stands
-        val = evaluate(engine, prep.val_blocks, cfg.train.micro_batch_size, device)
+        val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
 
     wall = time.perf_counter() - start_time
     trained_steps = step - start_step
@@ -236,16 +233,21 @@ def train(prep: Prepared) -> dict[str, Any]:
         "run_name": cfg.logging.run_name, "steps": step, "completed": step >= cfg.train.steps,
         "tokens": step * tokens_per_step,
         "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
-        "uniform_ppl": float(cfg.model.vocab_size), "parameters": model.num_parameters(),
+        "uniform_ppl": float(cfg.model.vocab_size), "parameters": pm.num_parameters,
         "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,
-        "world_size": world.world_size, "zero_stage": cfg.parallel.zero_stage,
+        "world_size": world.world_size, "layout": vars(layout), "zero_stage": cfg.parallel.zero_stage,
         "wall_time_s": wall, "tokens_per_s": trained_steps * tokens_per_step / wall if wall > 0 else None,
         "checkpoint": str(checkpoint_dir / (read_latest(checkpoint_dir) or "")),
+        "stopped_by": stopper.signal_name if stopping else None,
+        **throughput_metrics(trained_steps * tokens_per_step / wall if wall > 0 else 0.0, flops_token,
+                             world.world_size, peak),
+        **(outlier_eval.summary() if outlier_eval is not None else {}),
     }
     if world.is_main:
         (run_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, run_path)
     metrics.close()
+    stopper.restore()  # hands a swallowed signal to the previous handler (e.g. submitit's requeue)
     return summary
 
 
@@ -256,6 +258,9 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
         f"{_format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
         f"train loss {summary['train_loss']:.4f} | val loss {summary['val_loss']:.4f} | "
         f"val ppl {summary['val_ppl']:.2f} (uniform baseline {summary['uniform_ppl']:.0f})",
+        *([f"W8A8 val ppl {summary['w8a8_val_ppl']:.2f} | avg kurtosis {summary['avg_kurtosis']:.2f} | max "
+           f"kurtosis {summary['max_kurtosis']:.2f} | max inf norm {summary['max_inf_norm']:.2f} (outlier eval "
+           f"{summary['outlier_eval_s']:.1f}s)"] if summary.get("w8a8_val_ppl") is not None else []),
         f"attention {summary['attention_variant']} via {summary['attention_backend']}"
         f"{' + gate' if summary['gated'] else ''}, {summary['parameters'] / 1e6:.2f}M parameters",
         f"outputs: {run_path}/ (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)",

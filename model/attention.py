@@ -4,13 +4,19 @@ Backends:
   eager  - the reference: materialises the [T, T] probabilities; supports every variant and the gate.
   sdpa   - torch's fused scaled_dot_product_attention for `softmax` and `softmax1`. softmax1 is exact
            SDPA with one extra key/value of zeros that every query sees: its logit q.0 = 0 contributes
-           exp(0) = 1 to the denominator and nothing to the numerator. Never materialises T x T.
-  triton - fused softmax1 / learnable-sink kernels (model/kernels), used when importable and on CUDA.
-  auto   - the fastest valid backend for the case.
+           exp(0) = 1 to the denominator and nothing to the numerator. Never materialises T x T. On CPU
+           without mask or dropout it is instead torch's flash kernel rescaled by its log-sum-exp
+           (model/kernels/sdpa_sink.py): the zero key would need a lower-right causal mask, which torch
+           materialises there as a dense T x (T+1) tensor.
+  triton - fused FlashAttention-style softmax1 / learnable-sink kernels (model/kernels): Triton forward and
+           backward, masks supported, no dropout. Runs on CUDA, and on CPU only under TRITON_INTERPRET=1.
+  auto   - the fastest valid backend for the case: triton on CUDA when the kernel supports it, else sdpa,
+           else eager. Clipped softmax stays eager (its clip breaks the online-softmax rescaling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Callable
@@ -21,35 +27,52 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from model.config import AttentionConfig
+from model.kernels import sdpa_sink
+from model.layers import LocalLayers
 from model.softmax import probabilities
 
 log = logging.getLogger(__name__)
 
 SDPA_VARIANTS = frozenset({"softmax", "softmax1"})
+TRITON_VARIANTS = frozenset({"softmax1", "learnable_sink"})
 _logged_choices: set[tuple[str, str, str]] = set()
 
 
 def _triton_kernel() -> Callable[..., torch.Tensor] | None:
-    try:
-        from model.kernels import softmax1_attention  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return softmax1_attention
+    from model import kernels  # never imports triton itself
+
+    return kernels.softmax1_attention if kernels.triton_available() else None
 
 
-def supported_backends(variant: str) -> tuple[str, ...]:
+def supported_backends(variant: str, device: torch.device | str | None = None) -> tuple[str, ...]:
+    """Backends implementing `variant`. "triton" is listed only where its kernels can run in this process:
+    on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1); device None means any device here."""
+    from model import kernels
+
     backends = ["eager"]
     if variant in SDPA_VARIANTS:
         backends.append("sdpa")
-    if variant in ("softmax1", "learnable_sink") and _triton_kernel() is not None:
-        backends.append("triton")
+    if variant in TRITON_VARIANTS:
+        device_types = ("cuda", "cpu") if device is None else (torch.device(device).type,)
+        if any(kernels.runnable_on(d) for d in device_types):
+            backends.append("triton")
     return tuple(backends)
 
 
-def resolve_backend(backend: str, variant: str, device: torch.device, has_mask: bool = False) -> str:
-    """Map `auto` to a concrete backend and check that an explicit choice supports the variant."""
+def resolve_backend(backend: str, variant: str, device: torch.device, has_mask: bool = False, *,
+                    triton_reason: str | None = None) -> str:
+    """Map `auto` to a concrete backend and check that an explicit choice supports the variant.
+
+    `triton_reason`: why the fused kernel cannot run this particular case (model.kernels.unsupported_reason;
+    None = it can). `auto` picks triton on CUDA when it can, else sdpa, else eager, and logs each choice once.
+    Every backend handles `has_mask` (the fused kernel reads bool masks tile by tile)."""
+    from model import kernels
+
     if backend == "auto":
-        if device.type == "cuda" and not has_mask and "triton" in supported_backends(variant):
+        skipped = None
+        if device.type == "cuda" and variant in TRITON_VARIANTS:
+            skipped = triton_reason or (None if kernels.runnable_on("cuda") else "triton is not installed")
+        if device.type == "cuda" and variant in TRITON_VARIANTS and skipped is None:
             choice = "triton"
         elif variant in SDPA_VARIANTS:
             choice = "sdpa"
@@ -58,8 +81,16 @@ def resolve_backend(backend: str, variant: str, device: torch.device, has_mask: 
         key = (variant, device.type, choice)
         if key not in _logged_choices:
             _logged_choices.add(key)
-            log.info("attention backend auto -> %s (variant=%s, device=%s)", choice, variant, device.type)
+            log.info("attention backend auto -> %s (variant=%s, device=%s%s)", choice, variant, device.type,
+                     f"; triton skipped: {skipped}" if skipped else "")
         return choice
+    if backend == "triton" and variant in TRITON_VARIANTS:
+        if triton_reason is None and not kernels.runnable_on(device.type):
+            triton_reason = ("triton is not installed" if not kernels.triton_available() else
+                             f"the kernels cannot run on {device.type!r} here (CPU needs TRITON_INTERPRET=1)")
+        if triton_reason is not None:
+            raise ValueError(f"attention backend 'triton' cannot run this case: {triton_reason}")
+        return backend
     if backend not in supported_backends(variant):
         raise ValueError(f"attention backend {backend!r} does not support variant {variant!r} "
                          f"(supported: {', '.join(supported_backends(variant))})")
@@ -91,6 +122,9 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str, c
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str, causal: bool,
           attn_mask: torch.Tensor | None, dropout_p: float, scale: float) -> torch.Tensor:
     q_len, k_len = q.shape[-2], k.shape[-2]
+    if variant == "softmax1" and sdpa_sink.supports(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p):
+        # CPU: vanilla flash attention rescaled by its LSE (model/kernels/sdpa_sink.py), no T x (T+1) mask.
+        return sdpa_sink.sink_attention(q, k, v, causal=causal, scale=scale)
     if variant == "softmax1":
         # Prepend the zero key/value: with lower-right causal alignment every query still sees it.
         zeros = q.new_zeros(*k.shape[:-2], 1, k.shape[-1])
@@ -129,7 +163,12 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, var
     if variant == "learnable_sink" and sink_logit is None:
         raise ValueError("variant 'learnable_sink' needs sink_logit of shape [heads]")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    chosen = resolve_backend(backend, variant, q.device, has_mask=attn_mask is not None)
+    triton_reason = None
+    if variant in TRITON_VARIANTS and (backend == "triton" or (backend == "auto" and q.device.type == "cuda")):
+        from model.kernels import unsupported_reason
+
+        triton_reason = unsupported_reason(q, k, v, dropout_p=dropout_p, sink_logit=sink_logit)
+    chosen = resolve_backend(backend, variant, q.device, has_mask=attn_mask is not None, triton_reason=triton_reason)
     if chosen == "sdpa":
         return _sdpa(q, k, v, variant=variant, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
                      scale=scale)
@@ -170,28 +209,31 @@ class HeadGate(nn.Module):
 class MultiHeadAttention(nn.Module):
     """OPT self-attention (q/k/v/out projections with bias) over this rank's heads.
 
-    `column` and `row` build the projections: plain Linear in one process, megatron-core's
+    `layers` builds the projections: plain Linear in one process, megatron-core's
     Column/RowParallelLinear under tensor parallelism, where each rank holds num_heads / tp heads.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, attention: AttentionConfig, *, seq_length: int,
-                 dropout: float, init_std: float, column: Callable[[int, int], nn.Module],
-                 row: Callable[[int, int], nn.Module], tp_size: int = 1, tp_rank: int = 0) -> None:
+                 dropout: float, init_std: float, layers: LocalLayers) -> None:
         super().__init__()
+        self.layers = layers
         self.head_dim = hidden_size // num_heads
-        self.num_local_heads = num_heads // tp_size
-        self.head_offset = tp_rank * self.num_local_heads
+        self.num_local_heads = num_heads // layers.tp_size
+        self.head_offset = layers.tp_rank * self.num_local_heads
         self.variant, self.backend, self.dropout = attention.variant, attention.backend, dropout
         self.variant_params = attention.variant_params(seq_length)
-        self.q_proj = column(hidden_size, hidden_size)
-        self.k_proj = column(hidden_size, hidden_size)
-        self.v_proj = column(hidden_size, hidden_size)
-        self.out_proj = row(hidden_size, hidden_size)
-        self.sink_logit = (nn.Parameter(torch.zeros(self.num_local_heads))
+        self.q_proj = layers.column(hidden_size, hidden_size)
+        self.k_proj = layers.column(hidden_size, hidden_size)
+        self.v_proj = layers.column(hidden_size, hidden_size)
+        self.out_proj = layers.row(hidden_size, hidden_size)
+        self.sink_logit = (layers.head_parallel(nn.Parameter(torch.zeros(self.num_local_heads)))
                            if attention.variant == "learnable_sink" else None)
         self.gate = (HeadGate(self.num_local_heads, self.head_dim, gate_type=attention.gate_type,
                               hidden=attention.gate_hidden, init_prob=attention.gate_init_prob, init_std=init_std)
                      if attention.gated else None)
+        if self.gate is not None:
+            for param in self.gate.parameters():
+                layers.head_parallel(param)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -200,12 +242,15 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        context = scaled_dot_product(q, k, v, variant=self.variant, causal=True, backend=self.backend,
-                                     attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-                                     sink_logit=self.sink_logit, **self.variant_params)
+        dropout_p = self.dropout if self.training else 0.0
+        # Probabilities of this rank's heads: dropout draws from the TP-rank-specific RNG stream.
+        with self.layers.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
+            context = scaled_dot_product(q, k, v, variant=self.variant, causal=True, backend=self.backend,
+                                         attn_mask=attn_mask, dropout_p=dropout_p, sink_logit=self.sink_logit,
+                                         **self.variant_params)
         if self.gate is not None:
             start = self.head_offset * self.head_dim
-            x_heads = x[..., start:start + self.num_local_heads * self.head_dim]
+            x_heads = self.layers.into_parallel_region(x)[..., start:start + self.num_local_heads * self.head_dim]
             x_heads = x_heads.reshape(batch, seq, self.num_local_heads, self.head_dim)
             context = context * self.gate(x_heads)
         context = context.transpose(1, 2).reshape(batch, seq, self.num_local_heads * self.head_dim)

@@ -42,6 +42,8 @@ def run_pretrain(overrides: list[str], *, resume: str = "none", ranks: int = 1,
     args = ["--config", config, "--resume", resume] + [x for o in overrides for x in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO)
+    if ranks > 1:  # N ranks on a 2-core machine: one thread each, or they thrash
+        env["OMP_NUM_THREADS"] = "1"
     if ranks == 1:
         cmd = [sys.executable, "-m", "launcher.pretrain", *args]
     else:

@@ -48,16 +48,22 @@ def test_resume_continues_exactly_and_writes_run_outputs(data_cache: Path, tmp_p
     assert {p.name for p in (run / "checkpoints").glob("step_*")} == {"step_3", "step_6"}
 
 
+@pytest.fixture(scope="module")
+def single_process_losses(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("single")
+    _assert_ok(run_pretrain(tiny_overrides(data_cache, run_dir, **{"train.steps": 4, "logging.run_name": "single"})))
+    return train_losses(run_dir / "single")
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_data_parallel_ranks_match_single_process(data_cache: Path, tmp_path: Path, zero_stage: int) -> None:
-    steps = {"train.steps": 4, "parallel.zero_stage": zero_stage}
-    single = tiny_overrides(data_cache, tmp_path, **steps, **{"logging.run_name": "single"})
-    _assert_ok(run_pretrain(single))
-    dp = tiny_overrides(data_cache, tmp_path, **steps, **{"logging.run_name": "dp2", "train.micro_batch_size": 2})
+def test_two_data_parallel_ranks_match_single_process(data_cache: Path, tmp_path: Path, zero_stage: int,
+                                                      single_process_losses: dict[int, float]) -> None:
+    dp = tiny_overrides(data_cache, tmp_path, **{"train.steps": 4, "parallel.zero_stage": zero_stage,
+                                                 "logging.run_name": "dp2", "train.micro_batch_size": 2})
     result = run_pretrain(dp, ranks=2)
     _assert_ok(result)
     assert json.loads((tmp_path / "dp2" / "summary.json").read_text())["world_size"] == 2
-    expected, got = train_losses(tmp_path / "single"), train_losses(tmp_path / "dp2")
+    expected, got = single_process_losses, train_losses(tmp_path / "dp2")
     assert sorted(got) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step

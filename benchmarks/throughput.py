@@ -1,0 +1,199 @@
+"""Training throughput of this project's OPT against transformers' OPTForCausalLM, and model FLOP/s.
+
+    python -m benchmarks.throughput [--layers 4 --hidden 256 --heads 4 --ffn 1024 --vocab 8192]
+                                    [--seq 256 --batch 4] [--variants softmax softmax1] [--steps 5] [--json]
+
+Both models get the same shape, the same weights (this project's state dict copied into transformers'),
+the same token batch and their own AdamW; one training step = zero_grad + forward with labels (mean
+next-token loss) + backward + optimizer step. Steps are interleaved (ours, theirs, ours, ...) after
+`--warmup` steps each, so machine noise hits all models alike; tokens/s = batch * seq / median step time,
+and the ratio is ours / transformers' (sdpa attention). This project's model runs `attention.backend=auto`
+(sdpa on CPU for softmax and softmax1, the Triton kernel for softmax1 on CUDA).
+
+Model FLOPs per token (nanoGPT / PaLM convention, forward + backward = 3x forward):
+    6 * N + 12 * L * d * T
+with N the parameters that take part in matmuls per token: all but the position embeddings (the token
+embedding counts once, as the tied LM head), L layers, width d, sequence length T (the attention
+score and context matmuls, counted as full, non-causal attention). Model FLOP/s = FLOPs/token * tokens/s;
+utilisation is that over the machine's measured matmul peak: the best of `--peak-reps` square
+`--peak-size` matmuls in the benchmark dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.attention import DTYPES, machine
+from model.attention import resolve_backend
+from model.config import AttentionConfig, ModelConfig
+from model.opt import OPTForCausalLM
+
+
+def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
+    from transformers import OPTConfig
+    from transformers import OPTForCausalLM as HFOPTForCausalLM
+
+    models: dict[str, torch.nn.Module] = {}
+    reference_state = None
+    for variant in args.variants:
+        cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                          ffn_hidden_size=args.ffn, max_position_embeddings=args.seq, vocab_size=args.vocab,
+                          dropout=args.dropout, attention=AttentionConfig(variant=variant, backend="auto"))
+        torch.manual_seed(0)
+        model = OPTForCausalLM(cfg, seq_length=args.seq)
+        if reference_state is None:
+            reference_state = model.state_dict()
+        else:  # every variant starts from the same weights
+            model.load_state_dict(reference_state)
+        models[f"ours ({variant})"] = model
+    hf_config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                          ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=args.seq,
+                          dropout=args.dropout, attention_dropout=0.0, word_embed_proj_dim=args.hidden,
+                          do_layer_norm_before=True, enable_bias=True, activation_function="relu",
+                          attn_implementation="sdpa")
+    hf = HFOPTForCausalLM(hf_config)
+    assert reference_state is not None
+    state = {f"model.{key}": value for key, value in reference_state.items()}
+    state["lm_head.weight"] = reference_state["decoder.embed_tokens.weight"]
+    hf.load_state_dict(state, strict=True)
+    models["transformers (sdpa)"] = hf
+    dtype = DTYPES[args.dtype]
+    return {name: m.to(device=device, dtype=dtype).train() for name, m in models.items()}
+
+
+def train_step_fn(name: str, model: torch.nn.Module, ids: torch.Tensor, lr: float) -> Callable[[], float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    hf = name.startswith("transformers")
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss if hf else model(ids, labels=ids)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def matmul_peak(size: int, reps: int, dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def flops_per_token(model: OPTForCausalLM, seq: int) -> float:
+    cfg = model.config
+    n_matmul = model.num_parameters() - model.decoder.embed_positions.weight.numel()
+    return 6 * n_matmul + 12 * cfg.num_layers * cfg.hidden_size * seq
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = build_models(args, device)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    steps = {name: train_step_fn(name, model, ids, args.lr) for name, model in models.items()}
+    first_loss = {name: step() for name, step in steps.items()}  # identical weights: identical first losses
+    for _ in range(args.warmup - 1):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    ours = next(m for m in models.values() if isinstance(m, OPTForCausalLM))
+    fpt = flops_per_token(ours, args.seq)
+    peak = matmul_peak(args.peak_size, args.peak_reps, DTYPES[args.dtype], device)
+    tokens = args.batch * args.seq
+    hf_name = "transformers (sdpa)"
+    hf_tps = tokens / statistics.median(times[hf_name])
+    rows = []
+    for name, ts in times.items():
+        tps = tokens / statistics.median(ts)
+        rows.append({"model": name, "step_ms": statistics.median(ts) * 1e3, "steps_ms": [t * 1e3 for t in ts],
+                     "tokens_per_s": tps, "ratio_to_transformers": tps / hf_tps,
+                     "model_tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak, "first_loss": first_loss[name]})
+    return {"benchmark": "throughput", "machine": machine(device),
+            "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "batch",
+                                                   "dropout", "dtype", "steps", "warmup", "variants")},
+            "attention_backend": {v: resolve_backend("auto", v, device) for v in args.variants},
+            "params": ours.num_parameters(), "flops_per_token": fpt,
+            "flops_formula": "6 * (params - position embeddings) + 12 * layers * hidden * seq",
+            "matmul_peak_tflops": peak / 1e12, "results": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cfg, m = result["config"], result["machine"]
+    lines = [f"training step (fwd+bwd+AdamW), {cfg['layers']} layers, d={cfg['hidden']}, {cfg['heads']} heads, "
+             f"ffn {cfg['ffn']}, vocab {cfg['vocab']}, batch {cfg['batch']} x seq {cfg['seq']}, {cfg['dtype']}, "
+             f"median of {cfg['steps']} interleaved steps",
+             f"machine: {m.get('gpu', m['cpu'])}, {m['threads']} threads, torch {m['torch']}; "
+             f"attention backend (auto): {result['attention_backend']}",
+             f"params {result['params'] / 1e6:.2f}M, FLOPs/token {result['flops_per_token'] / 1e6:.1f}M "
+             f"({result['flops_formula']}); measured matmul peak {result['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s",
+             "",
+             f"{'model':<24}{'step ms':>10}{'tokens/s':>12}{'vs transformers':>17}{'GFLOP/s':>10}{'MFU':>8}"]
+    for r in result["results"]:
+        lines.append(f"{r['model']:<24}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{r['ratio_to_transformers']:>16.2f}x"
+                     f"{r['model_tflops'] * 1e3:>10.1f}{r['mfu'] * 100:>7.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--variants", nargs="+", default=["softmax", "softmax1"],
+                        help="attention variants of this project's model to time")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (at least 1)")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--peak-reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration for smoke tests")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 128
+        args.seq, args.batch, args.steps, args.warmup, args.peak_size, args.peak_reps = 16, 2, 2, 1, 128, 2
+    args.warmup = max(1, args.warmup)
+    result = run(args)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Evaluate a checkpoint: FP perplexity, outlier statistics per module, and (--quant w8a8) W8A8 perplexity.
+
+    python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
+
+--checkpoint takes a step directory, a checkpoints directory (follows `latest`), a run directory or a
+weights-only checkpoint (launcher.import_hf, parallel.consolidate); every layout is read through
+launcher.hf_checkpoint. The model is rebuilt from the run's config.yaml and evaluated exactly as during
+training (outliers/report.py, same validation and calibration blocks), so when the step directory holds the
+in-training result (outliers.json) the numbers are compared and must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.config import RunConfig, load_config
+from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
+from model.errors import ProjectError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="step directory, checkpoints directory, run directory or weights-only checkpoint")
+    parser.add_argument("--quant", choices=("none", "w8a8"), default="none",
+                        help="also evaluate W8A8 post-training quantization (default: FP only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the run's config, e.g. --set eval.max_blocks=null")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tuple[str, ...] = (),
+                        device: str = "cpu") -> dict[str, Any]:
+    """The result dict (as outliers.json holds it) plus checkpoint, step and the comparison with the
+    in-training result when there is one (`in_training`: "identical", a list of differences, or None)."""
+    from data_pipeline import load_or_train_tokenizer, validation_blocks
+    from outliers.report import (RESULT_FILE, EvalSettings, calibration_blocks, differences, evaluate_model,
+                                 model_from_state)
+
+    # Any checkpoint layout (single rank, TP/PP manifests, ZeRO-3, weights-only) -> the full state dict.
+    config_path, folder = locate(checkpoint)
+    cfg: RunConfig = load_config(config_path, overrides)
+    _, state = read_weights(checkpoint)
+    check_shapes(state, expected_shapes(cfg), str(folder))
+    model = model_from_state(cfg, state, device)
+    tokenizer = load_or_train_tokenizer(cfg.data)
+    val = validation_blocks(cfg.data, tokenizer, max_blocks=cfg.eval.max_blocks)
+    calib = calibration_blocks(cfg, tokenizer) if quant else None
+    evaluation = evaluate_model(model, val, calib, EvalSettings.from_config(cfg, quant=quant))
+    step = int(folder.name.split("_", 1)[1]) if folder.name.split("_", 1)[-1].isdigit() else None
+    result = {"checkpoint": str(folder), "step": step, **evaluation.to_dict()}
+    recorded = folder / RESULT_FILE
+    comparison: Any = None
+    if recorded.is_file() and not overrides:
+        diffs = differences(result, json.loads(recorded.read_text()))
+        comparison = "identical" if not diffs else diffs
+    result["in_training"] = comparison
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        result = evaluate_checkpoint(Path(args.checkpoint), args.quant == "w8a8", args.overrides, args.device)
+    except ProjectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from outliers.report import RESULT_FILE, format_table
+
+    print(f"== {result['checkpoint']} ==")
+    print(format_table(result))
+    comparison = result["in_training"]
+    if comparison == "identical":
+        print(f"in-training evaluation ({RESULT_FILE}): identical")
+    elif comparison:
+        print(f"in-training evaluation ({RESULT_FILE}) differs:\n  " + "\n  ".join(comparison))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

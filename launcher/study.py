@@ -1,0 +1,190 @@
+"""Train one model per attention variant (same config, data and seed) and compare FP ppl, W8A8 ppl,
+kurtosis and infinity norms.
+
+    python -m launcher.study --config configs/opt_tiny.yaml --variants softmax,softmax1,clipped_softmax,gated \\
+        [--steps 150] [--set key=value ...] [--out DIR]
+
+Each variant is one `python -m launcher.pretrain` run under DIR (default `<logging.run_dir>/study-<time>/`,
+one sub-directory per variant); the outlier/W8A8 figures are those of the run's last periodic evaluation
+(outliers/). Writes DIR/study.md (table), DIR/study.png (bars + trajectories) and DIR/study.json.
+
+Variant names: a softmax variant (`softmax`, `softmax1`, `clipped_softmax`, `clipped_softmax1`,
+`learnable_sink`), `gated` (vanilla softmax with the per-head gate, the QC paper's gated attention) or
+`<variant>+gated`. Clipped variants use the QC paper's OPT recipe, alpha = 12 (gamma = -12 / seq_length),
+unless --set gives attention.alpha/gamma.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import load_config
+from model.config import SOFTMAX_VARIANTS
+from model.errors import ProjectError
+
+METRICS = ("val_ppl", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm",
+           "layer_max_inf_norm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_tiny.yaml")
+    parser.add_argument("--variants", default="softmax,softmax1,clipped_softmax,gated",
+                        help="comma-separated variant names (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps for every variant")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every variant (repeatable)")
+    parser.add_argument("--out", default=None, help="output directory (default: <logging.run_dir>/study-<time>)")
+    return parser.parse_args(argv)
+
+
+def variant_overrides(name: str, user_overrides: list[str]) -> list[str]:
+    """Config overrides that select one study variant; raises ProjectError for an unknown name."""
+    base, _, suffix = name.partition("+")
+    if name == "gated":
+        base, suffix = "softmax", "gated"
+    if base not in SOFTMAX_VARIANTS or suffix not in ("", "gated"):
+        raise ProjectError(f"unknown study variant {name!r} (use one of {', '.join(SOFTMAX_VARIANTS)}, 'gated' "
+                           f"or '<variant>+gated')")
+    overrides = [f"attention.variant={base}", f"attention.gated={str(bool(suffix)).lower()}"]
+    user_attention = any(o.split("=", 1)[0].strip() in ("attention.alpha", "attention.gamma") for o in user_overrides)
+    if base.startswith("clipped") and not user_attention:
+        overrides.append("attention.alpha=12")  # QC's OPT recipe: gamma = -12 / seq_length
+    return overrides
+
+
+def run_variant(config: str, name: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    """Train one variant in a subprocess; return its summary.json plus its last outlier evaluation."""
+    args = [sys.executable, "-m", "launcher.pretrain", "--config", config]
+    for override in overrides + [f"logging.run_dir={out}", f"logging.run_name={name}", "logging.progress=false"]:
+        args += ["--set", override]
+    log_path = out / f"{name}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or [""]
+        raise ProjectError(f"variant {name!r} failed (exit {code}): {tail[0]} (log: {log_path})")
+    run = out / name
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "outliers"]
+    if not evals:
+        raise ProjectError(f"variant {name!r} logged no outlier evaluation (is eval.outlier_interval null?)")
+    last = evals[-1]
+    return {
+        "overrides": overrides, "steps": summary["steps"], "wall_time_s": time.perf_counter() - start,
+        **{key: last.get(key) for key in METRICS}, "worst_module": last.get("worst_module"),
+        "trajectory": [{"step": r["step"], **{key: r.get(key) for key in METRICS}} for r in evals],
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    header = ("| variant | FP ppl | W8A8 ppl | W8A8 - FP | avg kurtosis | max kurtosis | max inf norm | "
+              "FFN max inf norm | layer max inf norm |")
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for name, r in results.items():
+        gap = (f"{100 * (r['w8a8_val_ppl'] / r['val_ppl'] - 1):+.1f}%"
+               if r.get("w8a8_val_ppl") is not None and r.get("val_ppl") else "-")
+        lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['w8a8_val_ppl'])} | {gap} | "
+                     f"{_fmt(r['avg_kurtosis'])} | {_fmt(r['max_kurtosis'])} | {_fmt(r['max_inf_norm'])} | "
+                     f"{_fmt(r['ffn_max_inf_norm'])} | {_fmt(r['layer_max_inf_norm'])} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    xs = range(len(names))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    ax = axes[0][0]
+    ax.bar([x - 0.2 for x in xs], [results[n]["val_ppl"] for n in names], width=0.4, label="FP")
+    ax.bar([x + 0.2 for x in xs], [results[n]["w8a8_val_ppl"] or 0 for n in names], width=0.4, label="W8A8")
+    ax.set_title("validation perplexity")
+    ax.legend()
+    for ax, key, title in ((axes[0][1], "avg_kurtosis", "avg kurtosis (over modules)"),
+                           (axes[0][2], "max_inf_norm", "max inf norm (over modules)")):
+        ax.bar(xs, [results[n][key] for n in names], color="tab:red" if "kurtosis" in key else "tab:purple")
+        ax.set_title(title)
+    for ax in axes[0]:
+        ax.set_xticks(list(xs), names, rotation=20)
+    for ax, key, title in ((axes[1][0], "gap", "W8A8 ppl / FP ppl - 1 (%) over training"),
+                           (axes[1][1], "avg_kurtosis", "avg kurtosis over training"),
+                           (axes[1][2], "max_inf_norm", "max inf norm over training")):
+        for name in names:
+            points = results[name]["trajectory"]
+            steps = [p["step"] for p in points]
+            if key == "gap":
+                values = [100 * (p["w8a8_val_ppl"] / p["val_ppl"] - 1) if p.get("w8a8_val_ppl") else float("nan")
+                          for p in points]
+            else:
+                values = [p[key] for p in points]
+            ax.plot(steps, values, marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"attention variants: {', '.join(names)}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        if not names or len(set(names)) != len(names):
+            raise ProjectError(f"--variants must name distinct variants, got {args.variants!r}")
+        if args.steps is not None and args.steps <= 0:
+            raise ProjectError(f"--steps must be positive, got {args.steps}")
+        common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
+        plans = {name: variant_overrides(name, args.overrides) + common for name in names}
+        configs = {name: load_config(args.config, overrides) for name, overrides in plans.items()}  # validate all first
+        first = next(iter(configs.values()))
+        if first.eval.outlier_interval is None:
+            raise ProjectError("the study compares outlier/W8A8 figures: eval.outlier_interval must not be null")
+        out = Path(args.out) if args.out else Path(first.logging.run_dir) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for name in names:
+            print(f"[study] training {name} ({' '.join(plans[name][:3])}) -> {out / name}", flush=True)
+            results[name] = run_variant(args.config, name, plans[name], out)
+            r = results[name]
+            print(f"[study] {name}: FP ppl {_fmt(r['val_ppl'])}, W8A8 ppl {_fmt(r['w8a8_val_ppl'])}, avg kurtosis "
+                  f"{_fmt(r['avg_kurtosis'])}, max inf norm {_fmt(r['max_inf_norm'])} "
+                  f"({r['wall_time_s']:.0f}s)", flush=True)
+    except ProjectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = markdown_table(results)
+    steps = first.train.steps if args.steps is None else args.steps
+    header = (f"# Attention-variant study\n\nconfig `{args.config}`, {steps} steps, seed {first.train.seed}, "
+              f"data `{first.data.source}`; numbers from each run's last periodic evaluation "
+              f"({first.eval.max_blocks or 'all'} validation blocks of {first.data.seq_length} tokens; W8A8 "
+              f"calibrated on {first.eval.calibration_batches} x {first.eval.calibration_batch_size} training "
+              f"sequences).\n\n")
+    (out / "study.md").write_text(header + table + "\n")
+    (out / "study.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides, "steps": steps,
+                                                "variants": results}, indent=2) + "\n")
+    plot(results, out / "study.png")
+    print(table)
+    print(f"[study] wrote {out / 'study.md'}, {out / 'study.png'}, {out / 'study.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

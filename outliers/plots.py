@@ -1,0 +1,67 @@
+"""Pictures of an evaluation: the per-layer kurtosis / inf-norm heatmap, and TensorBoard logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from outliers.stats import LAYER_MODULES
+
+ROW_LABELS = {"attn_out_proj": "attn out_proj", "attn_layer_norm": "attn LayerNorm", "ffn_out": "FFN out (fc2)",
+              "ffn_layer_norm": "FFN LayerNorm", "layer_out": "layer output"}
+
+
+def per_layer_grid(modules: dict[str, dict[str, Any]], key: str) -> list[list[float]]:
+    """[kind][layer] values of `key` for the per-layer modules (the final LayerNorm is left out)."""
+    layers = 1 + max(int(name.split(".")[2]) for name in modules if name.startswith("decoder.layers."))
+    grid = [[float("nan")] * layers for _ in LAYER_MODULES]
+    kinds = list(LAYER_MODULES)
+    for name, stats in modules.items():
+        if name.startswith("decoder.layers."):
+            grid[kinds.index(stats["kind"])][int(name.split(".")[2])] = stats[key]
+    return grid
+
+
+def per_layer_figure(result: dict[str, Any]):  # noqa: ANN201 - a matplotlib Figure
+    """Two heatmaps (kurtosis, inf norm): rows = hooked module kinds, columns = layers, log colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    modules = result["modules"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, (("kurtosis", "kurtosis (avg over sequences)"),
+                                      ("inf_norm", "inf norm (avg over sequences)"))):
+        grid = torch.tensor(per_layer_grid(modules, key))
+        positive = grid[grid > 0]
+        norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.numel() else None
+        image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", norm=norm)
+        for row in range(grid.shape[0]):
+            for col in range(grid.shape[1]):
+                ax.text(col, row, f"{float(grid[row, col]):.3g}", ha="center", va="center", fontsize=7, color="cyan")
+        ax.set_yticks(range(len(LAYER_MODULES)), [ROW_LABELS[k] for k in LAYER_MODULES])
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xlabel("layer")
+        final = modules.get("decoder.final_layer_norm", {}).get(key)
+        ax.set_title(f"{title}; final LN {final:.3g}" if final is not None else title, fontsize=9)
+        fig.colorbar(image, ax=ax)
+    return fig
+
+
+def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torch.Tensor | None, step: int) -> None:
+    """Scalars per module, a histogram of the worst module's activations and the per-layer image."""
+    import matplotlib.pyplot as plt
+
+    for name, stats in result["modules"].items():
+        writer.add_scalar(f"outliers_kurtosis/{name}", stats["kurtosis"], step)
+        writer.add_scalar(f"outliers_inf_norm/{name}", stats["inf_norm"], step)
+    if worst_activations is not None:
+        # One fixed tag: which module it was at each step is in metrics.jsonl (worst_module).
+        writer.add_histogram("outliers/worst_module_activations", worst_activations.flatten(), step)
+    fig = per_layer_figure(result)
+    writer.add_figure("outliers/per_layer", fig, step)
+    plt.close(fig)
+    writer.flush()

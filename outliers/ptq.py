@@ -1,0 +1,310 @@
+"""W8A8 post-training fake quantization of an OPT model (the QC/OutEffHop evaluation protocol).
+
+    qmodel = quantize_w8a8(model, PTQSettings())   # a quantized copy; `model` is never touched
+    calibrate(qmodel, batches)                     # static activation ranges from training batches
+    qmodel(ids, labels=ids)                        # simulated 8-bit inference
+
+Weights: 8-bit symmetric per-tensor (range by min-max, or the clipping that minimises the squared error
+on a grid: "mse", the OPT recipe). Activations: 8-bit asymmetric per-tensor with static ranges from a
+running min-max (momentum 0.9) over the calibration batches, each batch optionally clipped to the
+(100 - p, p) percentiles first (OPT: p = 99.999).
+
+Quantized: every Linear weight and output (q, k, v, out_proj, fc1, fc2), LayerNorm outputs, the token
+and position embedding weights and their sum, both residual sums of every layer, attention scores,
+probabilities and context (and, for gated attention, the gated context that enters out_proj). Kept in
+fp32: the LM head (tied to the token embedding: the copy's LM head still reads the fp32 parameter while
+lookups read a quantized copy), Linear biases (int32 accumulators in a real kernel), the gate's
+parameters and sigmoid output, and the learnable sink logits (softmax parameters, like the gate's).
+
+The attention block is re-run eagerly by `QuantAttention` (scores and probabilities must exist as
+tensors to be quantized, which the fused backends never materialise); with every quantizer off it
+computes exactly what `model.attention` computes (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
+
+from model.attention import MultiHeadAttention, _causal_mask
+from model.errors import ProjectError
+from model.softmax import probabilities
+
+WEIGHT_RANGES = ("mse", "minmax")
+
+
+@dataclass(frozen=True)
+class PTQSettings:
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_range: str = "mse"  # "mse" (OPT) or "minmax" (BERT)
+    act_percentile: float | None = 99.999  # per-batch clipping before the running min-max; None = plain
+    act_momentum: float = 0.9  # running range = momentum * running + (1 - momentum) * batch
+    mse_candidates: int = 100  # clipping ratios tried by the weight MSE search
+    quantize_weights: bool = True  # False: activations only (tests and ablations)
+
+
+# ---------------------------------------------------------------- weights
+
+def _symmetric_fake_quant(w: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1  # restricted range [-qmax, qmax]: symmetric, zero exact
+    return torch.fake_quantize_per_tensor_affine(w, scale, 0, -qmax, qmax)
+
+
+def weight_scale(w: torch.Tensor, bits: int = 8, method: str = "mse", candidates: int = 100) -> float:
+    """Scale of the symmetric per-tensor weight quantizer.
+
+    minmax: torch.ao's MinMaxObserver (scale = max|w| / qmax). mse: a search over clipping ratios
+    r = i / candidates in (0, 1], scale = r * max|w| / qmax, minimising mean((fq(w) - w)^2). Written by
+    hand because torch.ao has no weight MSE observer (its HistogramObserver approximates the error from a
+    histogram of an affine range); it is the reference code's grid search, done coarse-to-fine (a grid of
+    ~sqrt(candidates) ratios, then every fine ratio within one coarse step of the best) so it costs ~3x
+    sqrt(candidates) evaluations instead of `candidates`: the same answer for an error curve with one
+    minimum. r = 1 (min-max) is always tried, so "mse" is never worse than "minmax" on the weight.
+    """
+    if method not in WEIGHT_RANGES:
+        raise ValueError(f"unknown weight range method {method!r} (expected one of {WEIGHT_RANGES})")
+    qmax = 2 ** (bits - 1) - 1
+    observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-qmax, quant_max=qmax)
+    observer(w.detach().float())
+    scale = float(observer.calculate_qparams()[0])
+    if method == "minmax":
+        return scale
+    w = w.detach().float()
+    errors: dict[int, float] = {}
+
+    def error(i: int) -> float:  # i: clipping ratio i / candidates
+        if i not in errors:
+            errors[i] = float((_symmetric_fake_quant(w, scale * i / candidates, bits) - w).square_().mean())
+        return errors[i]
+
+    step = max(1, round(math.sqrt(candidates)))
+    coarse = sorted({*range(candidates, 0, -step)})
+    best = min(coarse, key=lambda i: (error(i), -i))
+    fine = range(max(1, best - step + 1), min(candidates, best + step - 1) + 1)
+    best = min(fine, key=lambda i: (error(i), -i))  # ties: the wider range (min-max on exact grids)
+    return scale * best / candidates
+
+
+def quantize_weight(w: torch.Tensor, settings: PTQSettings) -> torch.Tensor:
+    if not settings.quantize_weights:
+        return w.detach().clone()
+    scale = weight_scale(w, settings.weight_bits, settings.weight_range, settings.mse_candidates)
+    return _symmetric_fake_quant(w.detach().float(), scale, settings.weight_bits).to(w.dtype)
+
+
+# ---------------------------------------------------------------- activations
+
+class PercentileMovingAverageObserver(MovingAverageMinMaxObserver):
+    """torch.ao's running min-max, fed each batch's (100 - p, p) percentiles instead of its min/max.
+
+    Percentiles by nearest rank from topk (the tails are tiny: fast, and no 2^24-element limit as in
+    torch.quantile).
+    """
+
+    def __init__(self, percentile: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        flat = x_orig.detach().reshape(-1).float()
+        if flat.numel() == 0:
+            return x_orig
+        # The value with `tail` values at or beyond it on each side (tail 1 = plain min / max).
+        tail = min(flat.numel(), max(1, math.floor(flat.numel() * (100.0 - self.percentile) / 100.0) + 1))
+        high = flat.topk(tail, largest=True, sorted=False).values.min()
+        low = flat.topk(tail, largest=False, sorted=False).values.max()
+        super().forward(torch.stack([low, high]))  # the parent's running average of the clipped range
+        return x_orig
+
+
+class ActQuantizer(nn.Module):
+    """8-bit asymmetric per-tensor fake quantizer of one activation with a static (calibrated) range.
+
+    mode "off": identity; "observe": identity that records the range; "quantize": fake-quantizes with the
+    range frozen by `freeze()`.
+    """
+
+    def __init__(self, settings: PTQSettings) -> None:
+        super().__init__()
+        self.quant_min, self.quant_max = 0, 2 ** settings.act_bits - 1
+        kwargs = dict(averaging_constant=1.0 - settings.act_momentum, dtype=torch.quint8,
+                      qscheme=torch.per_tensor_affine, quant_min=self.quant_min, quant_max=self.quant_max)
+        self.observer = (PercentileMovingAverageObserver(settings.act_percentile, **kwargs)
+                         if settings.act_percentile is not None else MovingAverageMinMaxObserver(**kwargs))
+        self.mode = "off"
+        self.scale, self.zero_point = 1.0, 0
+
+    def freeze(self) -> None:
+        if torch.isinf(self.observer.min_val):
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        scale, zero_point = self.observer.calculate_qparams()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer(x)
+        elif self.mode == "quantize":
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, scale={self.scale:.4g}, zero_point={self.zero_point}"
+
+
+# ---------------------------------------------------------------- quantized building blocks
+
+class QuantLinear(nn.Module):
+    """A Linear with a fake-quantized weight (fp32 bias) and a quantized output."""
+
+    def __init__(self, linear: nn.Linear, settings: PTQSettings) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise ProjectError(f"W8A8 evaluation needs plain nn.Linear layers (a single-process model), "
+                               f"got {type(linear).__name__}")
+        self.register_buffer("weight", quantize_weight(linear.weight, settings))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.output_quant = ActQuantizer(settings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(F.linear(x, self.weight, self.bias))
+
+
+class QuantOutput(nn.Module):
+    """Any module (here: LayerNorm) followed by a quantizer of its output."""
+
+    def __init__(self, module: nn.Module, settings: PTQSettings) -> None:
+        super().__init__()
+        self.module = module
+        self.output_quant = ActQuantizer(settings)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.module(*args))
+
+
+class QuantEmbedding(nn.Module):
+    """Token lookups from a quantized copy of the weight; `.weight` stays the fp32 parameter, which is
+    what the tied LM head reads (the LM head is not quantized)."""
+
+    def __init__(self, embedding: nn.Embedding, settings: PTQSettings) -> None:
+        super().__init__()
+        if not isinstance(embedding, nn.Embedding):
+            raise ProjectError(f"W8A8 evaluation needs a plain nn.Embedding, got {type(embedding).__name__}")
+        self.weight = embedding.weight
+        self.register_buffer("qweight", quantize_weight(embedding.weight, settings))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.qweight)
+
+
+class QuantAttention(nn.Module):
+    """Eager re-run of a MultiHeadAttention (projections already QuantLinear) with quantized scores,
+    probabilities and context. Mirrors model.attention._eager and MultiHeadAttention.forward."""
+
+    def __init__(self, attn: MultiHeadAttention, settings: PTQSettings) -> None:
+        super().__init__()
+        self.attn = attn
+        self.score_quant = ActQuantizer(settings)
+        self.prob_quant = ActQuantizer(settings)
+        self.context_quant = ActQuantizer(settings)
+        self.gated_context_quant = ActQuantizer(settings) if attn.gate is not None else None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn
+        batch, seq, _ = x.shape
+        q, k, v = (a._split_heads(proj(x)) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        # Scores are quantized before masking: -inf has no 8-bit code (a kernel would mask after dequant).
+        scores = self.score_quant(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])))
+        allowed = _causal_mask(seq, seq, x.device)
+        if attn_mask is not None:
+            allowed = attn_mask & allowed
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        sink = a.sink_logit.view(-1, 1, 1).to(scores.dtype) if a.sink_logit is not None else None
+        probs = self.prob_quant(probabilities(scores, a.variant, sink_logit=sink, **a.variant_params))
+        context = self.context_quant(torch.matmul(probs, v))
+        if a.gate is not None:
+            start = a.head_offset * a.head_dim
+            x_heads = x[..., start:start + a.num_local_heads * a.head_dim]
+            context = context * a.gate(x_heads.reshape(batch, seq, a.num_local_heads, a.head_dim))
+            assert self.gated_context_quant is not None
+            context = self.gated_context_quant(context)
+        context = context.transpose(1, 2).reshape(batch, seq, a.num_local_heads * a.head_dim)
+        return a.out_proj(context)
+
+
+class QuantDecoderLayer(nn.Module):
+    """An OPTDecoderLayer with quantized residual sums (and, for layer 0, the quantized embedding sum
+    that enters it). Mirrors model.opt.OPTDecoderLayer.forward."""
+
+    def __init__(self, layer: nn.Module, settings: PTQSettings, quantize_input: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_quant = ActQuantizer(settings) if quantize_input else nn.Identity()
+        self.attn_residual_quant = ActQuantizer(settings)
+        self.ffn_residual_quant = ActQuantizer(settings)
+
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layer
+        hidden = self.input_quant(hidden)
+        attn = layer.self_attn(layer.self_attn_layer_norm(hidden), attn_mask)
+        hidden = self.attn_residual_quant(hidden + layer.dropout(attn))
+        ffn = layer.fc2(torch.relu(layer.fc1(layer.final_layer_norm(hidden))))
+        return self.ffn_residual_quant(hidden + layer.dropout(ffn))
+
+
+# ---------------------------------------------------------------- the whole model
+
+def quantize_w8a8(model: nn.Module, settings: PTQSettings = PTQSettings()) -> nn.Module:
+    """A fake-quantized fp32 copy of an OPTForCausalLM, quantizers off until `calibrate`."""
+    qmodel = copy.deepcopy(model).float().eval()
+    for param in qmodel.parameters():
+        param.requires_grad_(False)
+    decoder = qmodel.decoder
+    decoder.embed_tokens = QuantEmbedding(decoder.embed_tokens, settings)
+    positions = decoder.embed_positions.weight
+    positions.data.copy_(quantize_weight(positions, settings))  # not tied: quantize the copy in place
+    for j, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(attn, name, QuantLinear(getattr(attn, name), settings))
+        layer.self_attn = QuantAttention(attn, settings)
+        layer.fc1, layer.fc2 = QuantLinear(layer.fc1, settings), QuantLinear(layer.fc2, settings)
+        layer.self_attn_layer_norm = QuantOutput(layer.self_attn_layer_norm, settings)
+        layer.final_layer_norm = QuantOutput(layer.final_layer_norm, settings)
+        decoder.layers[j] = QuantDecoderLayer(layer, settings, quantize_input=j == 0)
+    decoder.final_layer_norm = QuantOutput(decoder.final_layer_norm, settings)
+    return qmodel
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for quantizer in act_quantizers(model):
+        quantizer.mode = mode
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Record activation ranges on `batches` (fp activations, quantized weights), then freeze them and
+    switch every quantizer on."""
+    set_mode(qmodel, "observe")
+    device = next(iter([*qmodel.parameters(), *qmodel.buffers()])).device
+    seen = 0
+    for batch in batches:
+        qmodel(batch.to(device))
+        seen += 1
+    if not seen:
+        raise ProjectError("W8A8 calibration needs at least one batch (eval.calibration_batches)")
+    for quantizer in act_quantizers(qmodel):
+        quantizer.freeze()
+    set_mode(qmodel, "quantize")
+    return qmodel

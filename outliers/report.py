@@ -1,0 +1,195 @@
+"""One evaluation of a trained model, shared by the in-training and the standalone paths.
+
+    model = model_from_state(cfg, state_dict)                       # fresh fp32 OPTForCausalLM, eval mode
+    result = evaluate_model(model, val_blocks, calib_blocks, EvalSettings.from_config(cfg))
+    result.to_dict()                                                # what outliers.json / --json hold
+
+Both `launcher.pretrain` (every `eval.outlier_interval` steps, right after that step's checkpoint) and
+`launcher.evaluate` (from the checkpoint files) go through `model_from_state` and `evaluate_model` with
+the same blocks, so their numbers agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
+from outliers.stats import OutlierHooks, summarize
+
+RESULT_FILE = "outliers.json"
+# Headline keys, in the order they are printed; `summary.json` of a run carries the first ones too.
+SUMMARY_KEYS = ("val_loss", "val_ppl", "w8a8_val_loss", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis",
+                "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm", "worst_module")
+# Keys that depend on the machine's speed, not the model: never compared.
+TIMING_KEYS = ("eval_time_s",)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    micro_batch_size: int = 8  # validation sequences per forward pass
+    calibration_batch_size: int = 8  # calibration sequences per forward pass (one range update each)
+    ptq: PTQSettings | None = field(default_factory=PTQSettings)  # None: FP statistics only
+
+    @classmethod
+    def from_config(cls, cfg: Any, quant: bool = True) -> EvalSettings:
+        """From a launcher.config.RunConfig: its eval.* W8A8 settings, and train.micro_batch_size."""
+        ptq = PTQSettings(weight_range=cfg.eval.w8a8_weight_range,
+                          act_percentile=cfg.eval.w8a8_act_percentile) if quant else None
+        return cls(micro_batch_size=cfg.train.micro_batch_size,
+                   calibration_batch_size=cfg.eval.calibration_batch_size, ptq=ptq)
+
+
+@dataclass
+class Evaluation:
+    values: dict[str, Any]  # SUMMARY_KEYS + eval_time_s
+    modules: dict[str, dict[str, Any]]  # per hooked module: kind, kurtosis, inf_norm, ...
+    worst_activations: torch.Tensor | None = None  # the worst module's output on the first block batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.values, "modules": self.modules}
+
+
+def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
+    """A fresh fp32 OPTForCausalLM in eval mode with these weights (the RNG is left untouched)."""
+    from model.opt import OPTForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # construction draws initial weights: keep training's RNG
+        model = OPTForCausalLM(cfg.model, seq_length=cfg.data.seq_length)
+    model.load_state_dict(state_dict)
+    return model.float().to(device).eval()
+
+
+def calibration_blocks(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+    """The first eval.calibration_batches x eval.calibration_batch_size blocks of the train split: the
+    same blocks on every call (the stream starts from its seeded beginning)."""
+    from data_pipeline import BlockStream
+
+    stream = BlockStream(cfg.data, tokenizer, "train")
+    return [next(stream) for _ in range(cfg.eval.calibration_batches * cfg.eval.calibration_batch_size)]
+
+
+def block_batches(blocks: list[torch.Tensor], micro_batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(blocks), micro_batch_size):
+        yield torch.stack(blocks[start:start + micro_batch_size])
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: list[torch.Tensor], micro_batch_size: int) -> dict[str, float]:
+    """exp(token-weighted mean next-token loss) over the blocks (as launcher.pretrain.evaluate)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in block_batches(blocks, micro_batch_size):
+        batch = batch.to(device)
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(model(batch, labels=batch)) * tokens
+        count += tokens
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf")}
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
+                   settings: EvalSettings) -> Evaluation:
+    """FP perplexity with outlier statistics, then (settings.ptq set) W8A8 perplexity of a quantized copy
+    calibrated on `calib_blocks`. `model` must be in eval mode; it is not modified."""
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
+        return _evaluate(model, val_blocks, calib_blocks, settings)
+
+
+def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
+              settings: EvalSettings) -> Evaluation:
+    start = time.perf_counter()
+    with OutlierHooks(model) as hooks:
+        fp = perplexity(model, val_blocks, settings.micro_batch_size)
+    modules = hooks.results()
+    values: dict[str, Any] = {"val_loss": fp["loss"], "val_ppl": fp["ppl"], "w8a8_val_loss": None,
+                              "w8a8_val_ppl": None, **summarize(modules)}
+    worst = _capture(model, values["worst_module"], val_blocks[:settings.micro_batch_size])
+    if settings.ptq is not None:
+        if not calib_blocks:
+            raise ValueError("W8A8 evaluation needs calibration blocks")
+        qmodel = quantize_w8a8(model, settings.ptq)
+        calibrate(qmodel, block_batches(calib_blocks, settings.calibration_batch_size))
+        w8a8 = perplexity(qmodel, val_blocks, settings.micro_batch_size)
+        values.update(w8a8_val_loss=w8a8["loss"], w8a8_val_ppl=w8a8["ppl"])
+    values = {key: values[key] for key in SUMMARY_KEYS}
+    values["eval_time_s"] = time.perf_counter() - start
+    return Evaluation(values, modules, worst)
+
+
+def _capture(model: nn.Module, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """One module's output on one batch (for the TensorBoard histogram)."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().float().cpu()))
+    try:
+        model(torch.stack(blocks).to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+# ---------------------------------------------------------------- files and text
+
+def write_result(step_dir: Path, result: dict[str, Any]) -> Path:
+    path = Path(step_dir) / RESULT_FILE
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys (per-module ones as `module/key`) where two results disagree; keys missing or null in either
+    side are skipped (e.g. a run without W8A8)."""
+    diffs = []
+    for key in SUMMARY_KEYS:
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            diffs.append(f"{key}: {a[key]!r} vs {b[key]!r}")
+    for name, stats in a.get("modules", {}).items():
+        other = b.get("modules", {}).get(name)
+        if other is None:
+            continue
+        for key, value in stats.items():
+            if key in other and other[key] != value:
+                diffs.append(f"{name}/{key}: {value!r} vs {other[key]!r}")
+    return diffs
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Per-module table, then the headline numbers."""
+    rows = [("module", "kind", "kurtosis", "max kurtosis", "inf norm", "max inf norm")]
+    for name, m in result["modules"].items():
+        rows.append((name, m["kind"], _fmt(m["kurtosis"]), _fmt(m["kurtosis_max"]), _fmt(m["inf_norm"]),
+                     _fmt(m["inf_norm_max"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("(kurtosis: Pearson, per sequence, averaged; inf norm: per-sequence max|x|, averaged; "
+                 "max: over sequences)")
+    lines.extend(f"{key:>20}: {_fmt(result.get(key))}" for key in SUMMARY_KEYS)
+    return "\n".join(lines)
+
+
+def one_line(result: dict[str, Any]) -> str:
+    w8a8 = result.get("w8a8_val_ppl")
+    return (f"FP ppl {result['val_ppl']:.2f}" + (f", W8A8 ppl {w8a8:.2f}" if w8a8 is not None else "")
+            + f", avg kurtosis {result['avg_kurtosis']:.2f}, max kurtosis {result['max_kurtosis']:.2f}, "
+              f"max inf norm {result['max_inf_norm']:.2f} ({result['worst_module']})")
