@@ -256,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the materialised reference above this length (its memory is quadratic)")
     parser.add_argument("--methods", nargs="*", help="substrings of method names to run (the baseline always runs)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--progress", action="store_true", help="report each finished length on stderr")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dtype is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.dtype = "bf16" if cuda else "fp32"

@@ -159,7 +159,8 @@ def format_table(result: dict[str, Any]) -> str:
              "",
              f"{'model':<24}{'step ms':>10}{'tokens/s':>12}{'vs transformers':>17}{'GFLOP/s':>10}{'MFU':>8}"]
     for r in result["results"]:
-        lines.append(f"{r['model']:<24}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{r['ratio_to_transformers']:>16.2f}x"
+        lines.append(f"{r['model']:<24}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+                     f"{r['ratio_to_transformers']:>16.2f}x"
                      f"{r['model_tflops'] * 1e3:>10.1f}{r['mfu'] * 100:>7.1f}%")
     return "\n".join(lines)
 
@@ -183,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model (at least 1)")
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--peak-reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration for smoke tests")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 128
         args.seq, args.batch, args.steps, args.warmup, args.peak_size, args.peak_reps = 16, 2, 2, 1, 128, 2

@@ -18,19 +18,4 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 CONFIG=${CONFIG:-configs/opt_125m.yaml}
-PYTHON=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-export PATH="$(dirname "$PYTHON"):$PATH"  # the venv's deepspeed launcher
-
-# Overrides after the script name: `sbatch slurm/opt_125m.sh --set train.lr=1e-4`.
-LAUNCH=$("$PYTHON" -m launcher.slurm command --config "$CONFIG" "$@")
-echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: $LAUNCH"
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-  exit 0
-fi
-
-status=0
-eval "$LAUNCH" || status=$?
-# Stopped by the time-limit signal or preemption before the last step: requeue (resumes automatically).
-"$PYTHON" -m launcher.slurm requeue-if-unfinished --config "$CONFIG" "$@" || true
-exit "$status"
+source slurm/common.sh

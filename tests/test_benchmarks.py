@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO))
 
 
 def _run(module: str, *args: str) -> dict:
@@ -37,6 +39,10 @@ def test_attention_benchmark_json_memory_growth_and_eager_limit() -> None:
     # doubling T: the fused paths' memory doubles (linear), the materialised reference's nearly quadruples
     assert 1.8 < growth("softmax1 (auto)", 64) < 2.2 and 1.8 < growth("softmax (sdpa)", 64) < 2.2
     assert growth("softmax1 (eager)", 32) > 3.0
+    from benchmarks.attention import format_table
+
+    table = format_table(out)
+    assert "softmax1 (auto)" in table and "skipped" in table and "(^1.00)" in table
 
 
 def test_throughput_benchmark_quick_json() -> None:
@@ -47,3 +53,6 @@ def test_throughput_benchmark_quick_json() -> None:
     for row in out["results"]:
         assert row["tokens_per_s"] > 0 and row["ratio_to_transformers"] > 0 and 0 < row["mfu"]
     assert out["results"][-1]["ratio_to_transformers"] == 1.0
+    from benchmarks.throughput import format_table
+
+    assert "vs transformers" in format_table(out)

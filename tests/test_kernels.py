@@ -102,7 +102,7 @@ SMALL = dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16)
 CASES = {
     # name: (b, h, t_q, t_k, d, causal, sink, mask, tiles)  -- ragged lengths leave partial tiles
     "causal-sink-mask-ragged": (2, 2, 37, 37, 16, True, True, True, SMALL),
-    "full-softmax1-ragged": (2, 2, 37, 37, 16, False, False, False, SMALL),
+    "full-softmax1-ragged": (1, 2, 37, 37, 16, False, False, False, SMALL),
     "causal-short-queries": (1, 2, 20, 45, 16, True, True, False, SMALL),  # lower-right alignment
     "causal-long-queries": (1, 2, 45, 20, 16, True, False, False, SMALL),  # first rows see no key: zeros
     "full-sink-mask-rect": (1, 2, 24, 40, 16, False, True, True, SMALL),
@@ -156,9 +156,9 @@ def test_sink_gradient_is_minus_sum_of_sink_probability_times_delta(kt) -> None:
 def test_strided_inputs_and_non_contiguous_upstream(kt) -> None:
     # [B, T, H, D] projections viewed as [B, H, T, D] (what MultiHeadAttention passes), and dO transposed
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 24, 3, 16, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
+    q, k, v = (torch.randn(2, 24, 2, 16, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
                for _ in range(3))
-    upstream = torch.randn(2, 3, 16, 24, generator=gen).to(DEVICE).transpose(-1, -2)
+    upstream = torch.randn(2, 2, 16, 24, generator=gen).to(DEVICE).transpose(-1, -2)
     _check(kt, q, k, v, None, None, upstream, True, kt.Blocks(**SMALL), atol=1e-4)
 
 
@@ -273,6 +273,7 @@ def _ptxas_available() -> bool:
 
 @parent_only
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     """Code generation down to a cubin for sm_90 (no device needed): catches what the interpreter accepts
     but the compiler does not, and checks the default tiles' shared memory (H100: 227 KB per block)."""

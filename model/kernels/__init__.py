@@ -64,7 +64,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dro
     if dropout_p > 0.0:
         return "attention dropout is not implemented in the fused kernel"
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype must be one of float32/float16/bfloat16 and equal for q, k, v (got {q.dtype}, {k.dtype}, {v.dtype})"
+        return (f"dtype must be one of float32/float16/bfloat16 and equal for q, k, v "
+                f"(got {q.dtype}, {k.dtype}, {v.dtype})")
     if q.shape[-1] > MAX_HEAD_DIM or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return f"head_dim must be <= {MAX_HEAD_DIM} and equal for q, k, v"
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:

@@ -3,7 +3,7 @@
 With S_i = sum_j exp(s_ij) over the keys row i sees and a sink logit b, the sink softmax is the vanilla one
 rescaled per row:
 
-    o1_i = o_i * S_i / (S_i + e^b) = o_i * exp(lse_i - lse1_i),   lse1_i = logaddexp(lse_i, b).
+    o1_i = o_i * S_i / (S_i + e^b) = o_i * sigmoid(lse_i - b),   lse1_i = logaddexp(lse_i, b).
 
 The backward needs no new kernel: FlashAttention's backward recomputes P = exp(S - lse) from the LSE it is
 given and uses delta = rowsum(dO * O), so handing it (o1, lse1) instead of (o, lse) yields exactly the
@@ -18,6 +18,7 @@ costs. Used by the `sdpa` backend on CPU for unmasked, dropout-free cases with q
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -35,9 +36,13 @@ class _SinkFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, causal, scale):  # type: ignore[override]
         out, lse = _FWD(q, k, v, 0.0, causal, scale=scale)
-        b = sink.detach().float().view(1, -1, 1) if sink is not None else lse.new_zeros(())
-        lse1 = torch.logaddexp(lse, b)
-        out1 = out * torch.exp(lse - lse1).unsqueeze(-1).to(out.dtype)
+        # exp(lse - lse1) = sigmoid(lse - b) and lse1 = lse + softplus(b - lse): elementwise [B, H, T] ops that
+        # keep the kernel's LSE layout (its backward wants it) and stay below ATen's parallel grain size;
+        # the one [B, H, T, D] op rescales the kernel's output in place. (On a busy CPU every extra
+        # multi-threaded op costs a thread-pool round trip, milliseconds.)
+        x = lse - sink.detach().float().view(1, -1, 1) if sink is not None else lse
+        lse1 = lse + F.softplus(-x)
+        out1 = out.mul_(torch.sigmoid(x).unsqueeze(-1).to(out.dtype))
         ctx.save_for_backward(q, k, v, out1, lse1, sink)
         ctx.causal, ctx.scale = causal, scale
         return out1

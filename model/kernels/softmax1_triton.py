@@ -43,7 +43,6 @@ if INTERPRETED and type(tl.zeros).__name__ != "InterpretedFunction":
 # Triton 3.9's interpreter multiplies the raw uint16 bits of bfloat16 dot operands: upcast them there.
 _INTERPRETER_BF16_DOT = tl.constexpr(INTERPRETED)
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
