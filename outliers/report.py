@@ -101,6 +101,8 @@ def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_block
                    settings: EvalSettings) -> Evaluation:
     """FP perplexity with outlier statistics, then (settings.ptq set) W8A8 perplexity of a quantized copy
     calibrated on `calib_blocks`. `model` must be in eval mode; it is not modified."""
+    if model.training:
+        raise ValueError("evaluate_model needs a model in eval mode (dropout off), e.g. from model_from_state")
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
         return _evaluate(model, val_blocks, calib_blocks, settings)
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from model.config import AttentionConfig, ModelConfig
 from model.opt import OPTForCausalLM
-from outliers.ptq import (ActQuantizer, PTQSettings, QuantLinear, act_quantizers, calibrate, quantize_w8a8,
-                          set_mode, weight_scale)
+from outliers.ptq import (ActQuantizer, PTQSettings, QuantLinear, _tail_value, act_quantizers, calibrate,
+                          fake_quant, quantize_w8a8, set_mode, weight_scale)
 from outliers.report import EvalSettings, evaluate_model
 from outliers.stats import KURTOSIS_EPS, OutlierHooks, inf_norm, kurtosis, summarize
 
@@ -123,6 +123,25 @@ def test_weight_scales_minmax_and_mse() -> None:
     assert mse < minmax
     fq = lambda s: torch.fake_quantize_per_tensor_affine(w, s, 0, -127, 127)  # noqa: E731
     assert float((fq(mse) - w).square().mean()) < float((fq(minmax) - w).square().mean())
+
+
+def test_fake_quant_is_torch_fake_quantize_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 300, 70) * 5
+    x[0, 0, :8] = torch.tensor([0.5, 1.5, -2.5, 1e6, -1e6, 0.0, 127.5, 3.0]) * 0.0625  # ties and far outliers
+    for scale, zero_point, low, high in ((0.0625, 128, 0, 255), (0.0317, 17, 0, 255), (0.11, 0, -127, 127),
+                                         (1e-3, 255, 0, 255)):
+        expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, low, high)
+        assert torch.equal(fake_quant(x, scale, zero_point, low, high), expected), (scale, zero_point)
+
+
+def test_tail_values_are_exact_order_statistics() -> None:
+    torch.manual_seed(0)
+    for n, k in ((100_000, 3), (100_000, 2000), (50, 7), (1000, 1000)):
+        x = torch.randn(n).round(decimals=2)  # many ties
+        ordered = x.sort().values
+        assert float(_tail_value(x, k, largest=True)) == float(ordered[-k]), (n, k)
+        assert float(_tail_value(x, k, largest=False)) == float(ordered[k - 1]), (n, k)
 
 
 def test_percentile_observer_clips_the_tails() -> None:
