@@ -58,13 +58,3 @@ def init_process_group() -> torch.device:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few Python floats over all ranks (float64 so token counts stay exact)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor)
-    return tensor.cpu().tolist()

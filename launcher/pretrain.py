@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ class Prepared:
     grad_accumulation: int
     resume_from: tuple[Path, str] | None
     layout: Layout
+    initial_state: dict[str, torch.Tensor] | None  # train.init_from weights, read and checked once
 
 
 def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
@@ -83,8 +83,7 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
         resume_from = None
     else:
         resume_from = resolve_checkpoint(Path(resume), world.world_size)
-    if cfg.train.init_from is not None and resume_from is None:
-        init_state(cfg.train.init_from, cfg)  # checked here, loaded again in train()
+    initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
     tokenizer = load_or_train_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
@@ -93,7 +92,8 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
                                    max_blocks=cfg.eval.max_blocks)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
-    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, layout)
+    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, layout,
+                    initial_state)
 
 
 def deepspeed_config(cfg: RunConfig, world: WorldInfo, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     layout = prep.layout
-    initial = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and prep.resume_from is None else None
+    initial = prep.initial_state
     pm = build_parallel_model(
         cfg.model, layout, seq_length=cfg.data.seq_length, seed=cfg.train.seed,
         initial_state=initial, initial_source=f"train.init_from {cfg.train.init_from}",

@@ -95,7 +95,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
               "FFN max inf norm | layer max inf norm |")
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, r in results.items():
-        gap = (f"{100 * (r['w8a8_val_ppl'] / r['val_ppl'] - 1):+.1f}%"
+        gap = (f"{100 * (r['w8a8_val_ppl'] / r['val_ppl'] - 1):+.2f}%"
                if r.get("w8a8_val_ppl") is not None and r.get("val_ppl") else "-")
         lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['w8a8_val_ppl'])} | {gap} | "
                      f"{_fmt(r['avg_kurtosis'])} | {_fmt(r['max_kurtosis'])} | {_fmt(r['max_inf_norm'])} | "

@@ -19,7 +19,6 @@ from torch import nn
 from model.config import ModelConfig
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.opt import LearnedPositions, OPTDecoderLayer
-from parallel.layout import PARTITION_METHODS  # noqa: F401  (re-exported)
 
 TIED_KEY = "embed"
 

@@ -46,8 +46,8 @@ def test_study_writes_table_plot_and_json(tmp_path: Path, monkeypatch: pytest.Mo
                        "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     table = (out / "study.md").read_text()
-    assert "| softmax | 23.00 | 32.50 | +41.3% | 50.00 |" in table
-    assert "| gated | 22.50 | 23.50 | +4.4% | 5.00 |" in table
+    assert "| softmax | 23.00 | 32.50 | +41.30% | 50.00 |" in table
+    assert "| gated | 22.50 | 23.50 | +4.44% | 5.00 |" in table
     saved = json.loads((out / "study.json").read_text())
     assert saved["steps"] == 4 and [p["step"] for p in saved["variants"]["gated"]["trajectory"]] == [2, 4]
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
