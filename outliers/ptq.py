@@ -51,7 +51,7 @@ class PTQSettings:
     quantize_weights: bool = True  # False: activations only (tests and ablations)
 
 
-# ---------------------------------------------------------------- weights
+# ---------------------------------------------------------------- fake quantization, weights
 
 def fake_quant(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max), bit for bit (tested):

@@ -44,7 +44,8 @@ def test_periodic_evaluation_is_logged_saved_and_summarised(evaluated_run: Path)
     events = EventAccumulator(str(evaluated_run / "tb"), size_guidance={"images": 0, "histograms": 0}).Reload()
     tags = events.Tags()
     assert {"outliers/w8a8_val_ppl", "outliers/avg_kurtosis", "outliers/max_inf_norm",
-            "outliers_kurtosis/decoder.layers.1.fc2", "outliers_inf_norm/decoder.final_layer_norm"} <= set(tags["scalars"])
+            "outliers_kurtosis/decoder.layers.1.fc2",
+            "outliers_inf_norm/decoder.final_layer_norm"} <= set(tags["scalars"])
     assert "outliers/per_layer" in tags["images"] and "outliers/worst_module_activations" in tags["histograms"]
 
 

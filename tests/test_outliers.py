@@ -70,16 +70,18 @@ def test_hooks_see_exactly_the_protocol_modules_and_leave_no_trace() -> None:
     expected |= {"decoder.layers.0", "decoder.layers.1", "decoder.final_layer_norm"}
     seen: list[str] = []
     with OutlierHooks(model) as hooks:
-        for name in hooks.stats:  # record which module objects actually fire
-            model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
+        handles = [model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
+                   for name in hooks.stats]  # record which module objects actually fire
         model(torch.stack(blocks(3)))
+    for handle in handles:
+        handle.remove()
     assert set(hooks.stats) == expected and sorted(seen) == sorted(expected)
+    assert not any(m._forward_hooks for m in model.modules())  # OutlierHooks removed its own
     results = hooks.results()
     assert all(r["sequences"] == 3 for r in results.values())
     assert results["decoder.layers.1"]["kind"] == "layer_out" and results["decoder.layers.0.fc2"]["kind"] == "ffn_out"
     kinds = {r["kind"] for r in results.values()}
     assert kinds == {"attn_out_proj", "attn_layer_norm", "ffn_out", "ffn_layer_norm", "layer_out", "final_layer_norm"}
-    assert all(not m._forward_hooks or name in seen for name, m in model.named_modules() if m._forward_hooks) or True
     # the layer's output statistics equal the statistics of the tensor the layer returns
     batch = torch.stack(blocks(3))
     captured = []
@@ -177,7 +179,8 @@ def test_quantized_copy_with_quantizers_off_computes_the_same_model(variant: str
 def test_w8a8_never_modifies_the_model_and_ties_lm_head_to_fp32() -> None:
     model = tiny_opt()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate_model(model, blocks(4), blocks(4, seed=3), EvalSettings(micro_batch_size=2, calibration_batch_size=2))
+    settings = EvalSettings(micro_batch_size=2, calibration_batch_size=2)
+    result = evaluate_model(model, blocks(4), blocks(4, seed=3), settings)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks for m in model.modules())
     assert result.values["w8a8_val_ppl"] is not None and result.values["val_ppl"] > 1
