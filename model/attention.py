@@ -207,16 +207,17 @@ class HeadGate(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """OPT self-attention (q/k/v/out projections with bias) over this rank's heads.
+    """Self-attention (q/k/v/out projections with bias) over this rank's heads; causal (OPT) or not (BERT).
 
     `layers` builds the projections: plain Linear in one process, megatron-core's
     Column/RowParallelLinear under tensor parallelism, where each rank holds num_heads / tp heads.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, attention: AttentionConfig, *, seq_length: int,
-                 dropout: float, init_std: float, layers: LocalLayers) -> None:
+                 dropout: float, init_std: float, layers: LocalLayers, causal: bool = True) -> None:
         super().__init__()
         self.layers = layers
+        self.causal = causal  # decoder (OPT) or bidirectional encoder (BERT)
         self.head_dim = hidden_size // num_heads
         self.num_local_heads = num_heads // layers.tp_size
         self.head_offset = layers.tp_rank * self.num_local_heads
@@ -245,7 +246,7 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         # Probabilities of this rank's heads: dropout draws from the TP-rank-specific RNG stream.
         with self.layers.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
-            context = scaled_dot_product(q, k, v, variant=self.variant, causal=True, backend=self.backend,
+            context = scaled_dot_product(q, k, v, variant=self.variant, causal=self.causal, backend=self.backend,
                                          attn_mask=attn_mask, dropout_p=dropout_p, sink_logit=self.sink_logit,
                                          **self.variant_params)
         if self.gate is not None:

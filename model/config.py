@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from model.errors import ConfigError
 
+MODEL_FAMILIES = ("opt", "bert")  # decoder-only causal LM, encoder with a masked-LM head
 SOFTMAX_VARIANTS = ("softmax", "softmax1", "clipped_softmax", "clipped_softmax1", "learnable_sink")
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "triton")
 GATE_TYPES = ("linear", "mlp")
@@ -54,7 +55,7 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
-    """Shape of an OPT-style decoder. Defaults are OPT-125m's published shape."""
+    """Shape of an OPT-style decoder or a BERT encoder (`family`). Defaults are OPT-125m's published shape."""
 
     family: str = "opt"
     num_layers: int = 12
@@ -70,6 +71,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    type_vocab_size: int = 2  # BERT's token-type (segment) embeddings; unused by OPT
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     @property
@@ -82,10 +84,10 @@ class ModelConfig:
         return ((self.vocab_size + m - 1) // m) * m
 
     def validate(self) -> None:
-        if self.family != "opt":
-            raise ConfigError("model.family", self.family, "must be 'opt'")
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError("model.family", self.family, f"must be one of {', '.join(MODEL_FAMILIES)}")
         for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "max_position_embeddings",
-                    "vocab_size", "pad_vocab_to_multiple_of"):
+                    "vocab_size", "pad_vocab_to_multiple_of", "type_vocab_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{key}", value, "must be a positive integer")

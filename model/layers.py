@@ -40,6 +40,14 @@ class LocalLayers:
     def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         return self._linear(in_features, out_features, bias)
 
+    def replicated(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+        """A Linear every TP rank holds whole (e.g. BERT's MLM transform, which reads the full hidden state)."""
+        return self._linear(in_features, out_features, bias)
+
+    def vocab_bias(self, num_embeddings: int) -> nn.Parameter:
+        """Output bias over the (padded) vocabulary, split like the vocab-parallel logits under TP."""
+        return nn.Parameter(torch.zeros(num_embeddings // self.tp_size))
+
     def embedding(self, num_embeddings: int, dim: int) -> nn.Embedding:
         emb = nn.Embedding(num_embeddings, dim)
         nn.init.normal_(emb.weight, mean=0.0, std=self.init_std)

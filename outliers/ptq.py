@@ -250,10 +250,11 @@ class QuantAttention(nn.Module):
         q, k, v = (a._split_heads(proj(x)) for proj in (a.q_proj, a.k_proj, a.v_proj))
         # Scores are quantized before masking: -inf has no 8-bit code (a kernel would mask after dequant).
         scores = self.score_quant(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])))
-        allowed = _causal_mask(seq, seq, x.device)
+        allowed = _causal_mask(seq, seq, x.device) if a.causal else None
         if attn_mask is not None:
-            allowed = attn_mask & allowed
-        scores = scores.masked_fill(~allowed, float("-inf"))
+            allowed = attn_mask if allowed is None else attn_mask & allowed
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
         sink = a.sink_logit.view(-1, 1, 1).to(scores.dtype) if a.sink_logit is not None else None
         probs = self.prob_quant(probabilities(scores, a.variant, sink_logit=sink, **a.variant_params))
         context = self.context_quant(torch.matmul(probs, v))

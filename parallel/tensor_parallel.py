@@ -71,6 +71,11 @@ class TensorParallelLayers(LocalLayers):
         _mark_split(layer.weight, 0)
         return layer
 
+    def vocab_bias(self, num_embeddings: int) -> nn.Parameter:
+        bias = super().vocab_bias(num_embeddings)  # [vocab / tp]: this rank's slice, as its logits
+        _mark_split(bias, 0)
+        return bias
+
     def head_parallel(self, param: nn.Parameter) -> nn.Parameter:
         """Mark a per-head parameter (gate, sink logit) as split over TP ranks along dim 0."""
         _mark_split(param, 0)
