@@ -14,6 +14,9 @@ _EXPORTS = {
     "to_wiki40b_markers": "data_pipeline.markers",
     "wiki40b_to_text": "data_pipeline.markers",
     "BlockStream": "data_pipeline.packing",
+    "train_examples": "data_pipeline.examples",
+    "eval_examples": "data_pipeline.examples",
+    "calibration_examples": "data_pipeline.examples",
     "batch_iterator": "data_pipeline.packing",
     "validation_blocks": "data_pipeline.packing",
     "DocumentSource": "data_pipeline.sources",
@@ -26,6 +29,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from data_pipeline.config import DataConfig
+    from data_pipeline.examples import calibration_examples, eval_examples, train_examples
     from data_pipeline.markers import to_wiki40b_markers, wiki40b_to_text
     from data_pipeline.packing import BlockStream, batch_iterator, validation_blocks
     from data_pipeline.sources import DocumentSource, open_source

@@ -43,6 +43,14 @@ class DataConfig:
     seed: int = 1234
     shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
     shuffle_buffer: int = 10000  # streaming shuffle buffer (wiki40b)
+    # Masked-LM examples (model.family=bert): each non-special token is selected with mlm_probability;
+    # a selected token becomes [MASK] (mlm_mask_fraction), a random token (mlm_random_fraction) or stays.
+    # Training masks are seeded by data.seed and the block's global index, evaluation masks by
+    # mlm_eval_seed: the same masks on every run, layout and resume.
+    mlm_probability: float = 0.15
+    mlm_mask_fraction: float = 0.8
+    mlm_random_fraction: float = 0.1
+    mlm_eval_seed: int = 2024
 
     def validate(self) -> None:
         """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
@@ -68,8 +76,19 @@ class DataConfig:
         if self.vocab_size < MIN_VOCAB_SIZE:
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError("data.seed", self.seed, "must be a non-negative integer")
+        for key in ("seed", "mlm_eval_seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"data.{key}", value, "must be a non-negative integer")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError("data.mlm_probability", self.mlm_probability, "must lie strictly between 0 and 1")
+        for key in ("mlm_mask_fraction", "mlm_random_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"data.{key}", value, "must lie in [0, 1]")
+        if self.mlm_mask_fraction + self.mlm_random_fraction > 1.0:
+            raise ConfigError("data.mlm_random_fraction", self.mlm_random_fraction,
+                              f"plus data.mlm_mask_fraction={self.mlm_mask_fraction} must not exceed 1")
         for key in ("train_files", "validation_files"):
             value = getattr(self, key)
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):

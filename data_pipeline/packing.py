@@ -46,10 +46,12 @@ class BlockStream:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, split: str = "train", dp_rank: int = 0,
-                 dp_world: int = 1, *, source: DocumentSource | None = None) -> None:
+                 dp_world: int = 1, *, source: DocumentSource | None = None, separator_id: int | None = None) -> None:
         if dp_world < 1 or not 0 <= dp_rank < dp_world:
             raise ProjectError(f"bad data-parallel position: rank {dp_rank} of world size {dp_world}")
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
+        # Token after every document: EOS (causal LM), [SEP] (BERT's packed MLM sequences).
+        self.separator_id = tokenizer.eos_id if separator_id is None else separator_id
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self.source = source if source is not None else open_source(cfg, split)
         self.seq_length = cfg.seq_length
@@ -74,6 +76,17 @@ class BlockStream:
             mine = self._cut_block()
         self._blocks_emitted += 1
         return torch.tensor(mine, dtype=torch.long)
+
+    @property
+    def last_block_id(self) -> int:
+        """A number naming the block `next()` returned last, unique within this stream and, for
+        shard_by=blocks, the same for every data-parallel layout (its global index): what per-block
+        randomness (MLM masking) is seeded from, so that it survives resumption and re-sharding."""
+        if self._blocks_emitted == 0:
+            raise RuntimeError("no block has been read yet")
+        if self.cfg.shard_by == "blocks":
+            return self._global_blocks - self.dp_world + self.dp_rank
+        return (self._blocks_emitted - 1) * self.dp_world + self.dp_rank
 
     def _cut_block(self, keep: bool = True) -> list[int]:
         n = self.seq_length
@@ -105,7 +118,7 @@ class BlockStream:
         self._doc_index += 1
         if text.strip():
             ids = self.tokenizer.encode(text)
-            ids.append(self.tokenizer.eos_id)
+            ids.append(self.separator_id)
             self._buffer.extend(ids)
             self._epoch_tokens += len(ids)
 
@@ -176,15 +189,17 @@ def batch_iterator(blocks: Iterable[torch.Tensor], micro_batch_size: int) -> Ite
         yield torch.stack(batch)
 
 
-def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, epoch: int = 0) -> Iterator[list[int]]:
+def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, epoch: int = 0,
+                 separator_id: int | None = None) -> Iterator[list[int]]:
     """The full blocks of one epoch of `source` (whole stream, no sharding); the partial tail is dropped."""
+    separator = tokenizer.eos_id if separator_id is None else separator_id
     buffer: list[int] = []
     pos = 0
     for text in source.documents(epoch):
         if not text.strip():
             continue
         buffer.extend(tokenizer.encode(text))
-        buffer.append(tokenizer.eos_id)
+        buffer.append(separator)
         while len(buffer) - pos >= seq_length:
             yield buffer[pos:pos + seq_length]
             pos += seq_length
@@ -193,7 +208,8 @@ def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, 
 
 
 def validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, split: str = "validation", dp_rank: int = 0,
-                      dp_world: int = 1, max_blocks: int | None = None) -> list[torch.Tensor]:
+                      dp_world: int = 1, max_blocks: int | None = None,
+                      separator_id: int | None = None) -> list[torch.Tensor]:
     """Fixed evaluation blocks for one rank: the first `max_blocks` global blocks (default
     None = all) of the unshuffled first epoch of `split`, global block i
     going to rank i % dp_world, so the union over ranks is the same for every dp_world."""
@@ -201,7 +217,7 @@ def validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, split: str = "valid
         raise ProjectError(f"bad data-parallel position: rank {dp_rank} of world size {dp_world}")
     source = open_source(replace(cfg, shuffle=False), split)
     blocks: list[list[int]] = []
-    for block in epoch_blocks(source, tokenizer, cfg.seq_length):
+    for block in epoch_blocks(source, tokenizer, cfg.seq_length, separator_id=separator_id):
         blocks.append(block)
         if max_blocks is not None and len(blocks) >= max_blocks:
             break

@@ -34,7 +34,7 @@ class ParallelConfig:
     pipeline: int = 1  # DeepSpeed pipeline stages (1F1B)
     # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); pipelines allow 0 or 1.
     zero_stage: int = 0
-    partition_method: str = "type:OPTDecoderLayer"  # how layers are split over pipeline stages
+    partition_method: str = "layers"  # how layers are split over pipeline stages (see parallel/layout.py)
     activation_checkpointing: bool = False  # recompute each pipeline layer's activations in backward
 
     def validate(self) -> None:

@@ -1,5 +1,8 @@
 """Evaluate a checkpoint: FP perplexity, outlier statistics per module, and (--quant w8a8) W8A8 perplexity.
 
+Works for every model family: OPT (next-token perplexity) and BERT (MLM perplexity over the positions the
+fixed evaluation masks of data.mlm_eval_seed select).
+
     python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
 
 --checkpoint takes a step directory, a checkpoints directory (follows `latest`), a run directory or a
@@ -42,9 +45,9 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
                         device: str = "cpu") -> dict[str, Any]:
     """The result dict (as outliers.json holds it) plus checkpoint, step and the comparison with the
     in-training result when there is one (`in_training`: "identical", a list of differences, or None)."""
-    from data_pipeline import load_or_train_tokenizer, validation_blocks
+    from data_pipeline import load_or_train_tokenizer
     from outliers.report import (RESULT_FILE, EvalSettings, calibration_blocks, differences, evaluate_model,
-                                 model_from_state)
+                                 model_from_state, validation_examples)
 
     # Any checkpoint layout (single rank, TP/PP manifests, ZeRO-3, weights-only) -> the full state dict.
     config_path, folder = locate(checkpoint)
@@ -53,7 +56,7 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
     check_shapes(state, expected_shapes(cfg), str(folder))
     model = model_from_state(cfg, state, device)
     tokenizer = load_or_train_tokenizer(cfg.data)
-    val = validation_blocks(cfg.data, tokenizer, max_blocks=cfg.eval.max_blocks)
+    val = validation_examples(cfg, tokenizer)  # the family's examples (BERT: fixed MLM masks)
     calib = calibration_blocks(cfg, tokenizer) if quant else None
     evaluation = evaluate_model(model, val, calib, EvalSettings.from_config(cfg, quant=quant))
     step = int(folder.name.split("_", 1)[1]) if folder.name.split("_", 1)[-1].isdigit() else None

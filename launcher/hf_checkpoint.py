@@ -11,6 +11,9 @@ a parameter manifest (every layout: DP, TP, PP) are merged by `parallel.consolid
 DeepSpeed's zero_to_fp32; older single-rank checkpoints are read from `mp_rank_00_model_states.pt`.
 Export, `train.init_from` and the shape checks below all go through it, so a new on-disk layout only
 needs teaching here (or in parallel/consolidate.py).
+
+Every model family (model/families.py) goes through the same functions: shapes come from the family's own
+model, and `to_hf` / `from_hf` map names to transformers' OPTForCausalLM or BertForMaskedLM.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from launcher.checkpoint import resolve_checkpoint
 from launcher.config import RunConfig, load_config
 from model.errors import ProjectError
-from model.opt import OPTForCausalLM
+from model.families import build_model
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,16 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `model.decoder.`
-# Parameters that exist only for some attention variants: switching variants adds or drops them.
-VARIANT_PARAM = re.compile(r"\.self_attn\.(sink_logit|gate\.\w+)$")
+# Parameters that exist only for some attention variants: switching variants adds or drops them
+# (OPT: `...self_attn.sink_logit`, BERT: `...attention.self.sink_logit`).
+VARIANT_PARAM = re.compile(r"\.(?:self_attn|attention\.self)\.(sink_logit|gate\.\w+)$")
+# BERT: this project's attention projections -> transformers' BertForMaskedLM names (the rest is identical).
+BERT_TO_HF = {".attention.self.q_proj.": ".attention.self.query.", ".attention.self.k_proj.": ".attention.self.key.",
+              ".attention.self.v_proj.": ".attention.self.value.", ".attention.self.out_proj.": ".attention.output.dense."}
+BERT_ROOTS = ("bert.", "cls.")
+# transformers' BertForMaskedLM decoder, tied to the word embeddings and the head's bias: written, never read
+BERT_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+             "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
 StateDict = dict[str, torch.Tensor]
 
@@ -102,7 +113,7 @@ def read_weights(path: str | Path) -> tuple[RunConfig, StateDict]:
 def expected_shapes(cfg: RunConfig) -> dict[str, torch.Size]:
     """Parameter names and shapes of the single-process model the config describes (built on `meta`)."""
     with torch.device("meta"):
-        model = OPTForCausalLM(cfg.model, seq_length=cfg.data.seq_length)
+        model = build_model(cfg.model, seq_length=cfg.data.seq_length)
     return {key: value.shape for key, value in model.state_dict().items()}
 
 
@@ -144,7 +155,9 @@ def _fresh_variant_params(cfg: RunConfig, keys: list[str]) -> StateDict:
     gates: dict[str, StateDict] = {}
     out: StateDict = {}
     for key in keys:
-        layer, name = key.split(".self_attn.")
+        match = VARIANT_PARAM.search(key)
+        assert match is not None, key  # only variant parameters are ever missing (check_shapes)
+        layer, name = key[:match.start()], match.group(1)
         if name == "sink_logit":
             out[key] = torch.zeros(m.num_heads)
         else:
@@ -171,8 +184,18 @@ def init_state(path: str | Path, cfg: RunConfig) -> StateDict:
     return state
 
 
-def to_hf(state: StateDict, tie_word_embeddings: bool) -> StateDict:
-    """This project's names -> transformers' OPTForCausalLM names (`decoder.` -> `model.decoder.`)."""
+def _rename(key: str, mapping: dict[str, str]) -> str:
+    for old, new in mapping.items():
+        if old in key:
+            return key.replace(old, new, 1)
+    return key
+
+
+def to_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
+    """This project's names -> transformers' OPTForCausalLM names (`decoder.` -> `model.decoder.`), or for
+    family "bert" BertForMaskedLM names (attention projections renamed, the tied decoder written out)."""
+    if family == "bert":
+        return _bert_to_hf(state)
     out: StateDict = {}
     for key, value in state.items():
         if key == "lm_head":  # untied head: a bare Parameter here, a Linear there
@@ -186,8 +209,11 @@ def to_hf(state: StateDict, tie_word_embeddings: bool) -> StateDict:
     return out
 
 
-def from_hf(state: StateDict, tie_word_embeddings: bool) -> StateDict:
-    """transformers' OPTForCausalLM names -> this project's (the tied head is not stored twice)."""
+def from_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
+    """transformers' OPTForCausalLM (or, family "bert", BertForMaskedLM) names -> this project's (the tied
+    head is not stored twice)."""
+    if family == "bert":
+        return _bert_from_hf(state)
     out: StateDict = {}
     for key, value in state.items():
         if key == "lm_head.weight":
@@ -197,6 +223,31 @@ def from_hf(state: StateDict, tie_word_embeddings: bool) -> StateDict:
             out[key[len(HF_PREFIX):]] = value
         else:
             raise ProjectError(f"unexpected parameter '{key}' in the Hugging Face model")
+    return out
+
+
+def _bert_to_hf(state: StateDict) -> StateDict:
+    # BERT's MLM decoder is always tied here (model/bert.py refuses an untied one).
+    out: StateDict = {}
+    for key, value in state.items():
+        if not key.startswith(BERT_ROOTS) or key in BERT_TIED:
+            raise ProjectError(f"unexpected parameter '{key}' (not part of a BERT masked LM)")
+        out[_rename(key, BERT_TO_HF)] = value
+    for tied, source in BERT_TIED.items():
+        if source in out:
+            out[tied] = out[source]
+    return out
+
+
+def _bert_from_hf(state: StateDict) -> StateDict:
+    back = {new: old for old, new in BERT_TO_HF.items()}
+    out: StateDict = {}
+    for key, value in state.items():
+        if key in BERT_TIED:  # the same tensors as the word embeddings and the head's bias
+            continue
+        if not key.startswith(BERT_ROOTS):
+            raise ProjectError(f"unexpected parameter '{key}' in the Hugging Face model")
+        out[_rename(key, back)] = value
     return out
 
 

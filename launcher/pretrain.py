@@ -1,4 +1,4 @@
-"""Pretrain an OPT-style model: `python -m launcher.pretrain --config configs/opt_tiny.yaml [--set k=v ...]`.
+"""Pretrain an OPT or BERT model: `python -m launcher.pretrain --config configs/opt_tiny.yaml [--set k=v ...]`.
 
 Also runs unchanged under `deepspeed --num_gpus N launcher/pretrain.py ...` and `torchrun` (data
 parallel with ZeRO stage `parallel.zero_stage`). DeepSpeed carries the optimizer step, gradient
@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from data_pipeline import BlockStream, Tokenizer, batch_iterator, load_or_train_tokenizer, validation_blocks
+from data_pipeline import Tokenizer, batch_iterator, eval_examples, load_or_train_tokenizer, train_examples
+from data_pipeline.mlm import MLMStream
+from data_pipeline.packing import BlockStream
 from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint, step_tag
 from launcher.config import RunConfig, load_config, save_config
 from launcher.distributed import WorldInfo, init_process_group, world_from_env
@@ -30,6 +32,7 @@ from launcher.signals import GracefulStop
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from model.errors import ConfigError, ProjectError
+from model.families import family_of
 from parallel.engine import build_parallel_model, eval_loss, train_step
 from parallel.layout import Layout, validate_layout
 from parallel.random import TRACKER
@@ -57,7 +60,7 @@ class Prepared:
     cfg: RunConfig
     world: WorldInfo
     tokenizer: Tokenizer
-    train_stream: BlockStream
+    train_stream: BlockStream | MLMStream  # token blocks (OPT) or masked-LM examples (BERT)
     val_blocks: list[torch.Tensor]
     grad_accumulation: int
     resume_from: tuple[Path, str] | None
@@ -88,9 +91,11 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
-    train_stream = BlockStream(cfg.data, tokenizer, "train", dp_rank=dp_rank, dp_world=layout.data)
-    val_blocks = validation_blocks(cfg.data, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
-                                   max_blocks=cfg.eval.max_blocks)
+    objective = family_of(cfg.model).objective
+    train_stream = train_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
+                                  vocab_size=cfg.model.vocab_size)
+    val_blocks = eval_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
+                               max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
     return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, layout,
                     initial_state)
@@ -179,7 +184,7 @@ def train(prep: Prepared) -> dict[str, Any]:
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)
     stopper = GracefulStop()
-    flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mlm_probability)
     peak = peak_tflops(cfg.logging.peak_tflops)
     start_time = time.perf_counter()
     start_step, window_start, window_loss, window_steps = step, time.perf_counter(), 0.0, 0
@@ -234,6 +239,7 @@ def train(prep: Prepared) -> dict[str, Any]:
         "tokens": step * tokens_per_step,
         "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
         "uniform_ppl": float(cfg.model.vocab_size), "parameters": pm.num_parameters,
+        "model_family": cfg.model.family, "objective": pm.family.objective,
         "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,
         "world_size": world.world_size, "layout": vars(layout), "zero_stage": cfg.parallel.zero_stage,
         "wall_time_s": wall, "tokens_per_s": trained_steps * tokens_per_step / wall if wall > 0 else None,
@@ -257,7 +263,8 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
         f"== {summary['run_name']}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens in "
         f"{_format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
         f"train loss {summary['train_loss']:.4f} | val loss {summary['val_loss']:.4f} | "
-        f"val ppl {summary['val_ppl']:.2f} (uniform baseline {summary['uniform_ppl']:.0f})",
+        f"val {'MLM ' if summary['objective'] == 'mlm' else ''}ppl {summary['val_ppl']:.2f} "
+        f"(uniform baseline {summary['uniform_ppl']:.0f})",
         *([f"W8A8 val ppl {summary['w8a8_val_ppl']:.2f} | avg kurtosis {summary['avg_kurtosis']:.2f} | max "
            f"kurtosis {summary['max_kurtosis']:.2f} | max inf norm {summary['max_inf_norm']:.2f} (outlier eval "
            f"{summary['outlier_eval_s']:.1f}s)"] if summary.get("w8a8_val_ppl") is not None else []),

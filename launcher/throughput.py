@@ -3,7 +3,8 @@
 FLOPs per token (forward + backward = 3 x forward, no recomputation counted), as in PaLM / Megatron:
     6 * N_matmul + 12 * num_layers * hidden * seq_length
 N_matmul counts every weight that takes part in a matrix multiply per token (all layer weights and
-the LM head, which is the tied embedding); the attention term covers QK^T and PV.
+the LM head, which is the tied embedding); the attention term covers QK^T and PV. BERT's MLM head
+(transform + tied decoder) runs only on the selected positions: it counts with that fraction.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from model.config import ModelConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_length: int, mlm_probability: float = 0.15) -> float:
     d, f, layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
     per_layer = 4 * d * d + 2 * d * f  # q, k, v, out + fc1, fc2
-    matmul_params = layers * per_layer + cfg.padded_vocab_size * d
+    head = cfg.padded_vocab_size * d
+    if cfg.family == "bert":
+        head = (head + d * d) * mlm_probability
+    matmul_params = layers * per_layer + head
     return 6.0 * matmul_params + 12.0 * layers * d * seq_length
 
 

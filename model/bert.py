@@ -29,9 +29,10 @@ def _replicated_embedding(num: int, dim: int, std: float) -> nn.Embedding:
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: LocalLayers) -> None:
+    def __init__(self, cfg: ModelConfig, layers: LocalLayers, with_words: bool = True) -> None:
         super().__init__()
-        self.word_embeddings = layers.embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        if with_words:  # a pipeline keeps the word embedding in its tied first stage instead
+            self.word_embeddings = layers.embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.position_embeddings = _replicated_embedding(cfg.max_position_embeddings, cfg.hidden_size, cfg.init_std)
         self.token_type_embeddings = _replicated_embedding(cfg.type_vocab_size, cfg.hidden_size, cfg.init_std)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

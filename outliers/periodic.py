@@ -3,8 +3,9 @@
 
 Runs on rank 0 only, on a fresh fp32 single-process model built from the full state dict (the weights the
 checkpoint holds, gathered over TP/PP ranks by the caller), with the whole validation set of
-`eval.max_blocks` blocks and the calibration blocks of `outliers.report.calibration_blocks`; the other
-ranks wait at a barrier. Training's RNG streams are left untouched, so a run with and without this
+`eval.max_blocks` examples (`outliers.report.validation_examples`: the family's examples, MLM ones with the
+fixed masks of data.mlm_eval_seed) and the calibration examples of `outliers.report.calibration_blocks`;
+the other ranks wait at a barrier. Training's RNG streams are left untouched, so a run with and without this
 evaluation trains identically.
 """
 
@@ -19,7 +20,7 @@ import torch
 from launcher.distributed import barrier
 from model.errors import ConfigError
 from outliers.report import (EvalSettings, calibration_blocks, evaluate_model, model_from_state, one_line,
-                             write_result)
+                             validation_examples, write_result)
 
 # Copied from the last evaluation into the run's summary.json.
 SUMMARY_KEYS = ("w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm")
@@ -36,8 +37,6 @@ def check_config(cfg: Any) -> None:
 class PeriodicOutlierEval:
     def __init__(self, cfg: Any, tokenizer: Any, val_blocks: list[torch.Tensor], metrics: Any, *,
                  is_main: bool, world_size: int) -> None:
-        from data_pipeline import validation_blocks
-
         self.cfg, self.metrics, self.is_main = cfg, metrics, is_main
         self.interval: int = cfg.eval.outlier_interval
         self.settings = EvalSettings.from_config(cfg)
@@ -47,9 +46,9 @@ class PeriodicOutlierEval:
         self.calib_blocks: list[torch.Tensor] = []
         if is_main:
             start = time.perf_counter()
-            # With several ranks, val_blocks is this rank's shard: rank 0 evaluates the whole set.
-            self.val_blocks = val_blocks if world_size == 1 else validation_blocks(
-                cfg.data, tokenizer, max_blocks=cfg.eval.max_blocks)
+            # With several ranks, val_blocks is this rank's shard: rank 0 evaluates the whole set. With one,
+            # it is the whole set already (launcher.pretrain's eval_examples, as validation_examples reads it).
+            self.val_blocks = val_blocks if world_size == 1 else validation_examples(cfg, tokenizer)
             self.calib_blocks = calibration_blocks(cfg, tokenizer)
             self.seconds += time.perf_counter() - start
 

@@ -6,25 +6,42 @@ from typing import Any
 
 import torch
 
-from outliers.stats import LAYER_MODULES
+from outliers.stats import layer_of
 
-ROW_LABELS = {"attn_out_proj": "attn out_proj", "attn_layer_norm": "attn LN", "ffn_out": "FFN out (fc2)",
-              "ffn_layer_norm": "FFN LN", "layer_out": "layer output"}
+ROW_LABELS = {"attn_out_proj": "attn out_proj", "attn_layer_norm": "attn LN", "ffn_out": "FFN out",
+              "ffn_layer_norm": "FFN LN", "ffn_residual": "FFN LN input",
+              "layer_out": "layer output"}
+
+
+def per_layer_kinds(modules: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The kinds of one layer's hooked activations (the heatmap's rows) of this result's model family."""
+    for name in modules:
+        located = layer_of(name)
+        if located is not None:
+            return located[1]
+    raise ValueError("no per-layer modules in the evaluation result")
 
 
 def per_layer_grid(modules: dict[str, dict[str, Any]], key: str) -> list[list[float]]:
-    """[kind][layer] values of `key` for the per-layer modules (the final LayerNorm is left out)."""
-    layers = 1 + max(int(name.split(".")[2]) for name in modules if name.startswith("decoder.layers."))
-    grid = [[float("nan")] * layers for _ in LAYER_MODULES]
-    kinds = list(LAYER_MODULES)
+    """[kind][layer] values of `key` for the per-layer modules (OPT's final LayerNorm is left out)."""
+    kinds = list(per_layer_kinds(modules))
+    located = {name: layer_of(name) for name in modules}
+    layers = 1 + max(where[0] for where in located.values() if where is not None)
+    grid = [[float("nan")] * layers for _ in kinds]
     for name, stats in modules.items():
-        if name.startswith("decoder.layers."):
-            grid[kinds.index(stats["kind"])][int(name.split(".")[2])] = stats[key]
+        if located[name] is not None:
+            grid[kinds.index(stats["kind"])][located[name][0]] = stats[key]
     return grid
 
 
+def tensorboard_tag(name: str) -> str:
+    """A statistics name as a TensorBoard tag (TensorBoard would rewrite the ':' of `...LayerNorm:input`)."""
+    return name.replace(":", "_")
+
+
 def per_layer_figure(result: dict[str, Any]):  # noqa: ANN201 - a matplotlib Figure
-    """Two heatmaps (kurtosis, inf norm): rows = hooked module kinds, columns = layers, log colour scale."""
+    """Two heatmaps (kurtosis, inf norm): rows = hooked module kinds, columns = layers, log colour scale
+    (OPT: 5 rows and the final LayerNorm in the title; BERT: FFN out, its LayerNorm's input and output)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +64,8 @@ def per_layer_figure(result: dict[str, Any]):  # noqa: ANN201 - a matplotlib Fig
                 light = float(image.norm(value)) > 0.6 if value > 0 else False
                 ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7,
                         color="black" if light else "white")
-        ax.set_yticks(range(len(LAYER_MODULES)), [ROW_LABELS[k] for k in LAYER_MODULES])
+        kinds = per_layer_kinds(modules)
+        ax.set_yticks(range(len(kinds)), [ROW_LABELS.get(k, k) for k in kinds])
         ax.set_xticks(range(grid.shape[1]))
         ax.set_xlabel("layer")
         final = modules.get("decoder.final_layer_norm", {}).get(key)
@@ -61,8 +79,8 @@ def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torc
     import matplotlib.pyplot as plt
 
     for name, stats in result["modules"].items():
-        writer.add_scalar(f"outliers_kurtosis/{name}", stats["kurtosis"], step)
-        writer.add_scalar(f"outliers_inf_norm/{name}", stats["inf_norm"], step)
+        writer.add_scalar(f"outliers_kurtosis/{tensorboard_tag(name)}", stats["kurtosis"], step)
+        writer.add_scalar(f"outliers_inf_norm/{tensorboard_tag(name)}", stats["inf_norm"], step)
     if worst_activations is not None:
         # One fixed tag: which module it was at each step is in metrics.jsonl (worst_module).
         writer.add_histogram("outliers/worst_module_activations", worst_activations.flatten(), step)

@@ -1,24 +1,32 @@
-"""W8A8 post-training fake quantization of an OPT model (the QC/OutEffHop evaluation protocol).
+"""W8A8 post-training fake quantization of an OPT or BERT model (the QC/OutEffHop evaluation protocol).
 
     qmodel = quantize_w8a8(model, PTQSettings())   # a quantized copy; `model` is never touched
     calibrate(qmodel, batches)                     # static activation ranges from training batches
-    qmodel(ids, labels=ids)                        # simulated 8-bit inference
+    qmodel(input_ids, labels=labels)               # simulated 8-bit inference
 
-Weights: 8-bit symmetric per-tensor (range by min-max, or the clipping that minimises the squared error
-on a grid: "mse", the OPT recipe). Activations: 8-bit asymmetric per-tensor with static ranges from a
-running min-max (momentum 0.9) over the calibration batches, each batch optionally clipped to the
-(100 - p, p) percentiles first (OPT: p = 99.999).
+Weights: 8-bit symmetric per-tensor (range by min-max, the BERT recipe, or the clipping that minimises the
+squared error on a grid: "mse", the OPT recipe; "auto" picks the family's recipe). Activations: 8-bit
+asymmetric per-tensor with static ranges from a running min-max (momentum 0.9) over the calibration
+batches, each batch optionally clipped to the (100 - p, p) percentiles first (OPT: p = 99.999).
 
-Quantized: every Linear weight and output (q, k, v, out_proj, fc1, fc2), LayerNorm outputs, the token
+Quantized, OPT: every Linear weight and output (q, k, v, out_proj, fc1, fc2), LayerNorm outputs, the token
 and position embedding weights and their sum, both residual sums of every layer, attention scores,
-probabilities and context (and, for gated attention, the gated context that enters out_proj). Kept in
-fp32: the LM head (tied to the token embedding: the copy's LM head still reads the fp32 parameter while
-lookups read a quantized copy), Linear biases (int32 accumulators in a real kernel), the gate's
-parameters and sigmoid output, and the learnable sink logits (softmax parameters, like the gate's).
+probabilities and context (and, for gated attention, the gated context that enters out_proj).
+Quantized, BERT: every Linear weight and output (q, k, v, out_proj, intermediate.dense, output.dense; the
+intermediate dense's output after its GELU, as a fused kernel would hand it to output.dense), every
+LayerNorm's output, the word, position and token-type embedding weights and their sum (the embedding
+LayerNorm's input), both residual sums of every layer (the inputs of attention.output.LayerNorm and
+output.LayerNorm: BERT is post-LN), attention scores, probabilities and context (and the gated context),
+exactly as for OPT.
+Kept in fp32: the LM / MLM head (OPT: the LM head tied to the token embedding; BERT: the whole
+cls.predictions head, i.e. transform dense + GELU + LayerNorm, the decoder tied to the word embeddings and
+its bias; the copy's head still reads the fp32 parameters while lookups read a quantized copy), Linear
+biases (int32 accumulators in a real kernel), the gate's parameters and sigmoid output, and the learnable
+sink logits (softmax parameters, like the gate's).
 
 The attention block is re-run eagerly by `QuantAttention` (scores and probabilities must exist as
-tensors to be quantized, which the fused backends never materialise); with every quantizer off it
-computes exactly what `model.attention` computes (tested).
+tensors to be quantized, which the fused backends never materialise), causal (OPT) or bidirectional
+(BERT); with every quantizer off the quantized copy computes what the model computes (tested).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +43,19 @@ from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxOb
 
 from model.attention import MultiHeadAttention, _causal_mask
 from model.errors import ProjectError
+from model.families import family_of
 from model.softmax import probabilities
 
 WEIGHT_RANGES = ("mse", "minmax")
+# "auto": each family's protocol recipe for the weight range.
+FAMILY_WEIGHT_RANGES = {"opt": "mse", "bert": "minmax"}
 
 
 @dataclass(frozen=True)
 class PTQSettings:
     weight_bits: int = 8
     act_bits: int = 8
-    weight_range: str = "mse"  # "mse" (OPT) or "minmax" (BERT)
+    weight_range: str = "auto"  # "mse" (OPT), "minmax" (BERT) or "auto" (the model family's recipe)
     act_percentile: float | None = 99.999  # per-batch clipping before the running min-max; None = plain
     act_momentum: float = 0.9  # running range = momentum * running + (1 - momentum) * batch
     mse_candidates: int = 100  # clipping ratios tried by the weight MSE search
@@ -190,31 +201,36 @@ class ActQuantizer(nn.Module):
 # ---------------------------------------------------------------- quantized building blocks
 
 class QuantLinear(nn.Module):
-    """A Linear with a fake-quantized weight (fp32 bias) and a quantized output."""
+    """A Linear with a fake-quantized weight (fp32 bias) and a quantized output (quantize_output=False: the
+    output is quantized further on, e.g. after an activation by a QuantOutput around the enclosing module)."""
 
-    def __init__(self, linear: nn.Linear, settings: PTQSettings) -> None:
+    def __init__(self, linear: nn.Linear, settings: PTQSettings, quantize_output: bool = True) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise ProjectError(f"W8A8 evaluation needs plain nn.Linear layers (a single-process model), "
                                f"got {type(linear).__name__}")
         self.register_buffer("weight", quantize_weight(linear.weight, settings))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.output_quant = ActQuantizer(settings)
+        self.output_quant = ActQuantizer(settings) if quantize_output else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_quant(F.linear(x, self.weight, self.bias))
 
 
 class QuantOutput(nn.Module):
-    """Any module (here: LayerNorm) followed by a quantizer of its output."""
+    """Any module (a LayerNorm, BERT's intermediate) followed by a quantizer of its output; with
+    quantize_input, also a quantizer of its (first) input (BERT's post-LN residual sums)."""
 
-    def __init__(self, module: nn.Module, settings: PTQSettings) -> None:
+    def __init__(self, module: nn.Module, settings: PTQSettings, quantize_input: bool = False) -> None:
         super().__init__()
         self.module = module
+        self.input_quant = ActQuantizer(settings) if quantize_input else None
         self.output_quant = ActQuantizer(settings)
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(self.module(*args))
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self.output_quant(self.module(x, *args))
 
 
 class QuantEmbedding(nn.Module):
@@ -290,26 +306,68 @@ class QuantDecoderLayer(nn.Module):
 
 # ---------------------------------------------------------------- the whole model
 
+def resolve_settings(model: nn.Module, settings: PTQSettings) -> PTQSettings:
+    """`settings` with weight_range "auto" replaced by the model family's recipe."""
+    if settings.weight_range != "auto":
+        return settings
+    return replace(settings, weight_range=FAMILY_WEIGHT_RANGES[family_of(model.config).name])
+
+
 def quantize_w8a8(model: nn.Module, settings: PTQSettings = PTQSettings()) -> nn.Module:
-    """A fake-quantized fp32 copy of an OPTForCausalLM, quantizers off until `calibrate`."""
+    """A fake-quantized fp32 copy of an OPTForCausalLM or a BertForMaskedLM, quantizers off until
+    `calibrate`."""
+    settings = resolve_settings(model, settings)
     qmodel = copy.deepcopy(model).float().eval()
     for param in qmodel.parameters():
         param.requires_grad_(False)
+    if family_of(qmodel.config).name == "bert":
+        _quantize_bert(qmodel, settings)
+    else:
+        _quantize_opt(qmodel, settings)
+    return qmodel
+
+
+def _quantize_attention(attn: MultiHeadAttention, settings: PTQSettings) -> QuantAttention:
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        setattr(attn, name, QuantLinear(getattr(attn, name), settings))
+    return QuantAttention(attn, settings)
+
+
+def _quantize_in_place(weight: torch.Tensor, settings: PTQSettings) -> None:
+    weight.data.copy_(quantize_weight(weight, settings))  # an untied copy's weight: quantize it in place
+
+
+def _quantize_opt(qmodel: nn.Module, settings: PTQSettings) -> None:
     decoder = qmodel.decoder
     decoder.embed_tokens = QuantEmbedding(decoder.embed_tokens, settings)
-    positions = decoder.embed_positions.weight
-    positions.data.copy_(quantize_weight(positions, settings))  # not tied: quantize the copy in place
+    _quantize_in_place(decoder.embed_positions.weight, settings)
     for j, layer in enumerate(decoder.layers):
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(attn, name, QuantLinear(getattr(attn, name), settings))
-        layer.self_attn = QuantAttention(attn, settings)
+        layer.self_attn = _quantize_attention(layer.self_attn, settings)
         layer.fc1, layer.fc2 = QuantLinear(layer.fc1, settings), QuantLinear(layer.fc2, settings)
         layer.self_attn_layer_norm = QuantOutput(layer.self_attn_layer_norm, settings)
         layer.final_layer_norm = QuantOutput(layer.final_layer_norm, settings)
         decoder.layers[j] = QuantDecoderLayer(layer, settings, quantize_input=j == 0)
     decoder.final_layer_norm = QuantOutput(decoder.final_layer_norm, settings)
-    return qmodel
+
+
+def _quantize_bert(qmodel: nn.Module, settings: PTQSettings) -> None:
+    """BERT is post-LN: every sum to be quantized (the embedding sum, both residual sums of a layer) is the
+    input of a LayerNorm, so the quantizers wrap the LayerNorms and no forward of model/bert.py is copied."""
+    embeddings = qmodel.bert.embeddings
+    embeddings.word_embeddings = QuantEmbedding(embeddings.word_embeddings, settings)  # tied to the MLM decoder
+    _quantize_in_place(embeddings.position_embeddings.weight, settings)
+    _quantize_in_place(embeddings.token_type_embeddings.weight, settings)
+    embeddings.LayerNorm = QuantOutput(embeddings.LayerNorm, settings, quantize_input=True)
+    for layer in qmodel.bert.encoder.layer:
+        attention = layer.attention
+        attention.self = _quantize_attention(attention.self, settings)
+        attention.output.LayerNorm = QuantOutput(attention.output.LayerNorm, settings, quantize_input=True)
+        # GELU(dense(x)) is quantized once, after the activation (what output.dense reads in 8 bits).
+        layer.intermediate.dense = QuantLinear(layer.intermediate.dense, settings, quantize_output=False)
+        layer.intermediate = QuantOutput(layer.intermediate, settings)
+        layer.output.dense = QuantLinear(layer.output.dense, settings)
+        layer.output.LayerNorm = QuantOutput(layer.output.LayerNorm, settings, quantize_input=True)
+    # cls.predictions (transform, tied decoder, bias) stays fp32, like OPT's LM head.
 
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
@@ -323,13 +381,17 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Record activation ranges on `batches` (fp activations, quantized weights), then freeze them and
-    switch every quantizer on."""
+    """Record activation ranges on `batches` of examples (fp activations, quantized weights; the inputs of
+    family.split_batch, so MLM examples are run on their masked input ids), then freeze them and switch
+    every quantizer on. A module without a model config (a test's nn.Sequential) gets the batches as they are."""
+    config = getattr(qmodel, "config", None)
+    family = family_of(config) if config is not None else None
     set_mode(qmodel, "observe")
     device = next(iter([*qmodel.parameters(), *qmodel.buffers()])).device
     seen = 0
     for batch in batches:
-        qmodel(batch.to(device))
+        input_ids = family.split_batch(batch)[0] if family is not None else batch
+        qmodel(input_ids.to(device))
         seen += 1
     if not seen:
         raise ProjectError("W8A8 calibration needs at least one batch (eval.calibration_batches)")

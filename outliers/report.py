@@ -1,12 +1,17 @@
 """One evaluation of a trained model, shared by the in-training and the standalone paths.
 
-    model = model_from_state(cfg, state_dict)                       # fresh fp32 OPTForCausalLM, eval mode
+    model = model_from_state(cfg, state_dict)                       # fresh fp32 model of cfg.model.family
     result = evaluate_model(model, val_blocks, calib_blocks, EvalSettings.from_config(cfg))
     result.to_dict()                                                # what outliers.json / --json hold
 
 Both `launcher.pretrain` (every `eval.outlier_interval` steps, right after that step's checkpoint) and
 `launcher.evaluate` (from the checkpoint files) go through `model_from_state` and `evaluate_model` with
 the same blocks, so their numbers agree exactly.
+
+"Blocks" are the family's examples (model/families.py): OPT token blocks [T], BERT masked-LM examples
+[2, T] with the fixed masks of data.mlm_eval_seed (validation) or the training stream's (calibration), from
+data_pipeline/examples.py. Perplexity is exp(mean loss over the predicted tokens): next-token perplexity for
+OPT, MLM perplexity over the masked positions for BERT.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
-from outliers.stats import OutlierHooks, summarize
+from outliers.stats import OutlierHooks, hook_activation, summarize
 
 RESULT_FILE = "outliers.json"
 # Headline keys, in the order they are printed; `summary.json` of a run carries the first ones too.
@@ -59,22 +64,34 @@ class Evaluation:
 
 
 def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
-    """A fresh fp32 OPTForCausalLM in eval mode with these weights (the RNG is left untouched)."""
-    from model.opt import OPTForCausalLM
+    """A fresh fp32 model of cfg.model.family in eval mode with these weights (the RNG is left untouched)."""
+    from model.families import build_model
 
     with torch.random.fork_rng(devices=[]):  # construction draws initial weights: keep training's RNG
-        model = OPTForCausalLM(cfg.model, seq_length=cfg.data.seq_length)
+        model = build_model(cfg.model, seq_length=cfg.data.seq_length)
     model.load_state_dict(state_dict)
     return model.float().to(device).eval()
 
 
 def calibration_blocks(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
-    """The first eval.calibration_batches x eval.calibration_batch_size blocks of the train split: the
-    same blocks on every call (the stream starts from its seeded beginning)."""
-    from data_pipeline import BlockStream
+    """The first eval.calibration_batches x eval.calibration_batch_size examples of the train split (masked
+    for MLM): the same examples on every call (the stream starts from its seeded beginning)."""
+    from data_pipeline import calibration_examples
+    from model.families import family_of
 
-    stream = BlockStream(cfg.data, tokenizer, "train")
-    return [next(stream) for _ in range(cfg.eval.calibration_batches * cfg.eval.calibration_batch_size)]
+    count = cfg.eval.calibration_batches * cfg.eval.calibration_batch_size
+    return calibration_examples(cfg.data, family_of(cfg.model).objective, tokenizer, count,
+                                vocab_size=cfg.model.vocab_size)
+
+
+def validation_examples(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+    """The whole validation set of an evaluation (eval.max_blocks examples; fixed MLM masks), as both the
+    periodic and the standalone evaluation read it."""
+    from data_pipeline import eval_examples
+    from model.families import family_of
+
+    return eval_examples(cfg.data, family_of(cfg.model).objective, tokenizer, max_blocks=cfg.eval.max_blocks,
+                         vocab_size=cfg.model.vocab_size)
 
 
 def block_batches(blocks: list[torch.Tensor], micro_batch_size: int) -> Iterator[torch.Tensor]:
@@ -84,14 +101,18 @@ def block_batches(blocks: list[torch.Tensor], micro_batch_size: int) -> Iterator
 
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: list[torch.Tensor], micro_batch_size: int) -> dict[str, float]:
-    """exp(token-weighted mean next-token loss) over the blocks (as launcher.pretrain.evaluate)."""
+    """exp(mean loss over the predicted tokens) of the examples (as launcher.pretrain's evaluation): each
+    batch's mean loss weighted by its number of targets (OPT: every next token; BERT: the masked positions)."""
+    from model.families import family_of
+
+    family = family_of(model.config)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in block_batches(blocks, micro_batch_size):
-        batch = batch.to(device)
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(model(batch, labels=batch)) * tokens
-        count += tokens
+        input_ids, labels = family.split_batch(batch.to(device))
+        targets = family.num_targets(labels)
+        total += float(model(input_ids, labels=labels)) * targets
+        count += targets
     mean = total / max(count, 1)
     return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf")}
 
@@ -129,12 +150,15 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
 
 
 def _capture(model: nn.Module, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
-    """One module's output on one batch (for the TensorBoard histogram)."""
+    """One hooked activation (a statistics name of outliers.stats) on one batch (for the TensorBoard
+    histogram)."""
+    from model.families import family_of
+
     captured: list[torch.Tensor] = []
-    handle = model.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().float().cpu()))
+    handle = hook_activation(model, name, lambda x: captured.append(x.detach().float().cpu()))
     try:
-        model(torch.stack(blocks).to(next(model.parameters()).device))
+        input_ids, _labels = family_of(model.config).split_batch(torch.stack(blocks))
+        model(input_ids.to(next(model.parameters()).device))
     finally:
         handle.remove()
     return captured[0]

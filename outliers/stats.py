@@ -1,17 +1,22 @@
-"""Outlier statistics of an OPT model's activations: per-sequence kurtosis and infinity norm.
+"""Outlier statistics of a model's activations: per-sequence kurtosis and infinity norm.
 
-The protocol of Bondarenko et al. (2023), used by OutEffHop: forward hooks on, per layer j,
-`self_attn.out_proj`, `self_attn_layer_norm`, `fc2`, `final_layer_norm` and the layer itself (its
-output), plus the decoder's final LayerNorm. For every sequence the module's output is flattened to
-T*d values and two numbers are taken (one definition, used everywhere in this project):
+The protocol of Bondarenko et al. (2023), used by OutEffHop, hooks per family:
+  - OPT, per layer j: the outputs of `self_attn.out_proj`, `self_attn_layer_norm`, `fc2`,
+    `final_layer_norm` and the layer itself (its output), plus the decoder's final LayerNorm;
+  - BERT (post-LN), per layer j: the output of the FFN output dense `output.dense`, the input of the
+    output LayerNorm (dense output + residual: where BERT's outliers live; named
+    `bert.encoder.layer.{j}.output.LayerNorm:input`) and that LayerNorm's output (the layer's output).
+For every sequence the activation is flattened to T*d values and two numbers are taken (one definition,
+used everywhere in this project):
 
     kurtosis  k = mean((x - mu)^4) / (std^4 + 1e-6)   Pearson (non-excess; a Gaussian gives 3),
                                                        std with Bessel's correction (unbiased)
     inf norm  max |x|
 
 Both are averaged over the evaluation set per module. Summaries: avg kurtosis (mean over modules),
-max kurtosis and max inf norm (max over modules), and the max inf norm over FFN outputs (fc2) and over
-layer outputs separately, since the final LayerNorm can dominate the overall maximum.
+max kurtosis and max inf norm (max over modules), and the max inf norm over FFN outputs (kind "ffn_out":
+fc2 / output.dense) and over layer outputs (kind "layer_out") separately, since the final LayerNorm can
+dominate the overall maximum.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ LAYER_MODULES: dict[str, str | None] = {
     "layer_out": None,
 }
 FINAL_LAYER_NORM = "decoder.final_layer_norm"
+# BERT: kind -> name relative to bert.encoder.layer.{j}; INPUT_SUFFIX marks a module's input, not its output.
+INPUT_SUFFIX = ":input"
+BERT_LAYER_MODULES: dict[str, str] = {
+    "ffn_out": "output.dense",
+    "ffn_residual": "output.LayerNorm" + INPUT_SUFFIX,  # dense output + residual, before the LayerNorm
+    "layer_out": "output.LayerNorm",  # post-LN: the LayerNorm's output is the layer's output
+}
+# Where the per-layer modules of each family live: name prefix -> the kinds of one layer, in table order.
+LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "decoder.layers.": tuple(LAYER_MODULES),
+    "bert.encoder.layer.": tuple(BERT_LAYER_MODULES),
+}
 
 
 def kurtosis(x: torch.Tensor) -> torch.Tensor:
@@ -58,13 +75,43 @@ def inf_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def outlier_modules(model: nn.Module) -> dict[str, str]:
-    """Names (as in model.named_modules()) of the hooked modules of an OPTForCausalLM -> their kind."""
+    """Statistics names of the hooked activations of an OPTForCausalLM or a BertForMaskedLM -> their kind.
+
+    A name is a module's name as in model.named_modules() (its output), or that name + INPUT_SUFFIX (its
+    first input)."""
     names: dict[str, str] = {}
+    if hasattr(model, "bert"):
+        for j in range(len(model.bert.encoder.layer)):
+            for kind, suffix in BERT_LAYER_MODULES.items():
+                names[f"bert.encoder.layer.{j}.{suffix}"] = kind
+        return names
     for j in range(len(model.decoder.layers)):
         for kind, suffix in LAYER_MODULES.items():
             names[f"decoder.layers.{j}" + (f".{suffix}" if suffix else "")] = kind
     names[FINAL_LAYER_NORM] = "final_layer_norm"
     return names
+
+
+def layer_of(name: str) -> tuple[int, tuple[str, ...]] | None:
+    """(layer index, the kinds of one layer) of a per-layer statistics name; None for others (final LN)."""
+    for prefix, kinds in LAYER_PREFIXES.items():
+        if name.startswith(prefix):
+            return int(name[len(prefix):].split(".", 1)[0].split(":", 1)[0]), kinds
+    return None
+
+
+def hook_activation(model: nn.Module, name: str, fn: Any) -> torch.utils.hooks.RemovableHandle:
+    """Call fn(activation) on every forward of the activation a statistics name denotes: a module's output
+    (a forward hook) or, with INPUT_SUFFIX, its first input (a forward pre-hook). Returns the handle."""
+    # The hooks return None whatever fn returns: a value would replace the module's inputs or output.
+    if name.endswith(INPUT_SUFFIX):
+        def pre_hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            fn(inputs[0])
+        return model.get_submodule(name[:-len(INPUT_SUFFIX)]).register_forward_pre_hook(pre_hook)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        fn(output[0] if isinstance(output, tuple) else output)
+    return model.get_submodule(name).register_forward_hook(hook)
 
 
 @dataclass
@@ -93,13 +140,13 @@ class ModuleStats:
 
 
 class OutlierHooks:
-    """Context manager: forward hooks on the protocol's modules that accumulate ModuleStats.
+    """Context manager: forward (pre-)hooks on the protocol's activations that accumulate ModuleStats.
 
         with OutlierHooks(model) as hooks:
             model(batch)
         per_module = hooks.results()   # {name: {"kind", "kurtosis", "inf_norm", ...}}
 
-    Hooks only read outputs; they are removed on exit, so the model is left as it was.
+    Hooks only read activations; they are removed on exit, so the model is left as it was.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -108,20 +155,14 @@ class OutlierHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> OutlierHooks:
-        for name in self.stats:
-            module = self.model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        for name, stats in self.stats.items():
+            self._handles.append(hook_activation(self.model, name, stats.add))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _hook(self, name: str):  # noqa: ANN202 - a torch hook signature
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self.stats[name].add(output[0] if isinstance(output, tuple) else output)
-        return hook
 
     def results(self) -> dict[str, dict[str, Any]]:
         return {name: stats.to_dict() for name, stats in self.stats.items()}

@@ -20,8 +20,8 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from model.config import ModelConfig
+from model.families import ModelFamily, build_model, family_of
 from model.layers import LocalLayers
-from model.opt import OPTForCausalLM
 from parallel.groups import MegatronMPU, init_model_parallel
 from parallel.layout import Layout
 from parallel.pipeline import build_pipeline, canonical_name
@@ -36,6 +36,7 @@ class ParallelModel:
     module: nn.Module
     name_map: Callable[[str], str]
     num_parameters: int
+    family: ModelFamily
 
     @property
     def pipelined(self) -> bool:
@@ -77,15 +78,15 @@ class ParallelModel:
                 "params": {name: {**params[name], **files[name]} for name in params}}
 
 
-def _full_model(cfg: ModelConfig, seq_length: int, seed: int) -> OPTForCausalLM:
+def _full_model(cfg: ModelConfig, seq_length: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return OPTForCausalLM(cfg, seq_length=seq_length)
+    return build_model(cfg, seq_length=seq_length)
 
 
 def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, seed: int, ds_config: dict[str, Any],
                          make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                          make_scheduler: Callable[[torch.optim.Optimizer], Any],
-                         partition_method: str = "type:OPTDecoderLayer", activation_checkpointing: bool = False,
+                         partition_method: str = "layers", activation_checkpointing: bool = False,
                          initial_state: Mapping[str, torch.Tensor] | None = None,
                          initial_source: str = "initial weights") -> ParallelModel:
     import deepspeed
@@ -111,9 +112,9 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
             module = build_pipeline(cfg, seq_length, layers, pipeline=layout.pipeline, tensor=layout.tensor,
                                     data=layout.data, partition_method=partition_method,
                                     activation_checkpointing=activation_checkpointing)
-            name_map = partial(canonical_name, num_layers=cfg.num_layers)
+            name_map = partial(canonical_name, cfg=cfg)
         else:
-            module = OPTForCausalLM(cfg, seq_length=seq_length, layers=layers)
+            module = build_model(cfg, seq_length=seq_length, layers=layers)
         load_full_state_dict(module, full.state_dict(), tp_size=layout.tensor, tp_rank=tp_rank, name_map=name_map,
                              source=initial_source)
         del full
@@ -122,7 +123,7 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
                                            config=ds_config, mpu=mpu)
     return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map,
-                         num_parameters=num_parameters)
+                         num_parameters=num_parameters, family=family_of(cfg))
 
 
 def gradient_norm(module: nn.Module) -> float:
@@ -160,14 +161,14 @@ def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumula
     """One optimizer step over `grad_accumulation` micro-batches: (mean loss over DP ranks, grad norm)."""
     engine = pm.engine
     if pm.pipelined:
-        pairs = ((b.to(device), b.to(device)) for b in batches)
+        pairs = (tuple(t.to(device) for t in pm.family.split_batch(b)) for b in batches)
         loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
         norm = engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else None
     step_loss, norm = 0.0, None
     for _ in range(grad_accumulation):
-        batch = next(batches).to(device)
-        loss = engine(batch, labels=batch)
+        inputs, labels = pm.family.split_batch(next(batches).to(device))
+        loss = engine(inputs, labels=labels)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and zero_stage == 0:
             norm = gradient_norm(engine.module)  # ZeRO-0 does not record it; gradients are whole here
@@ -185,22 +186,24 @@ def eval_loss(pm: ParallelModel, blocks: list[torch.Tensor], micro_batch_size: i
     """Token-weighted validation loss over every data-parallel rank's blocks."""
     engine = pm.engine
     engine.eval()
+    total, count = 0.0, 0.0
     if pm.pipelined:
-        # A pipeline keeps micro-batch shapes fixed: a partial last micro-batch is left out.
-        full = len(blocks) // micro_batch_size
-        batches = [torch.stack(blocks[i * micro_batch_size:(i + 1) * micro_batch_size]).to(device)
-                   for i in range(full)]
-        loss = float(engine.eval_batch(iter([(b, b) for b in batches]), num_micro_batches=full))
-        count = float(full * micro_batch_size * (blocks[0].shape[0] - 1) * pm.layout.data)
-        total = loss * count
+        # A pipeline keeps micro-batch shapes fixed: a partial last micro-batch is left out. One micro-batch
+        # per call, so each loss is weighted by its own number of predictions (MLM counts vary).
+        for start in range(0, len(blocks) - micro_batch_size + 1, micro_batch_size):
+            inputs, labels = pm.family.split_batch(torch.stack(blocks[start:start + micro_batch_size]).to(device))
+            targets = pm.family.num_targets(labels)
+            loss = float(engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1))
+            total, count = total + loss * targets, count + targets
     else:
-        total, count = 0.0, 0.0
         for start in range(0, len(blocks), micro_batch_size):
-            batch = torch.stack(blocks[start:start + micro_batch_size]).to(device)
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(engine(batch, labels=batch)) * tokens
-            count += tokens
-        total, count = _dp_mean(total, pm) * pm.layout.data, _dp_mean(count, pm) * pm.layout.data
+            inputs, labels = pm.family.split_batch(torch.stack(blocks[start:start + micro_batch_size]).to(device))
+            targets = pm.family.num_targets(labels)
+            total += float(engine(inputs, labels=labels)) * targets
+            count += targets
+    # The last pipeline stage holds the loss (DeepSpeed broadcasts it to the stage's DP peers and the
+    # other stages): the sums over data-parallel ranks are the same on every rank.
+    total, count = _dp_mean(total, pm) * pm.layout.data, _dp_mean(count, pm) * pm.layout.data
     engine.train()
     mean = total / max(count, 1.0)
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 from model.errors import ConfigError
 
-# How DeepSpeed splits the layer list over pipeline stages ("type:" balances decoder layers).
-PARTITION_METHODS = ("parameters", "uniform", "type:OPTDecoderLayer")
+# How DeepSpeed splits the layer list over pipeline stages: "layers" balances the model's repeated blocks
+# (OPT decoder layers, BERT encoder layers; DeepSpeed's "type:<class>"), the others are DeepSpeed's own.
+PARTITION_METHODS = ("layers", "parameters", "uniform")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Run under `torch.distributed.run`: train tiny models for 10 steps in the layout given by TP/PP/ZERO
-env vars (data parallel fills the rest of the world) and write the per-step losses as JSON (rank 0).
+"""Run under `torch.distributed.run`: train tiny OPT and BERT models for 10 steps in the layout given by
+TP/PP/ZERO env vars (data parallel fills the rest of the world) and write the per-step losses as JSON (rank 0).
 
 Used by tests/test_parallel.py to compare every layout with the single-process run; it goes through
 parallel/engine.py, the code path of launcher.pretrain.
@@ -23,19 +23,32 @@ from model.config import AttentionConfig, ModelConfig  # noqa: E402
 from parallel.engine import build_parallel_model, train_step  # noqa: E402
 from parallel.layout import validate_layout  # noqa: E402
 
-VARIANTS = {"softmax": dict(variant="softmax"), "softmax1": dict(variant="softmax1"),
-            "softmax1_gated": dict(variant="softmax1", gated=True)}
+RUNS = {"opt/softmax": ("opt", dict(variant="softmax")), "opt/softmax1": ("opt", dict(variant="softmax1")),
+        "opt/softmax1_gated": ("opt", dict(variant="softmax1", gated=True)),
+        "bert/softmax1": ("bert", dict(variant="softmax1")),
+        "bert/learnable_sink_gated": ("bert", dict(variant="learnable_sink", gated=True))}
 STEPS, MICRO, GLOBAL, SEQ, VOCAB = 10, 2, 4, 16, 128
+MASKED = 3  # MLM labels per sequence: equal counts, so DP's mean of rank means is the global mean
+
+
+def mlm_examples(tokens: torch.Tensor) -> torch.Tensor:
+    """[n, 2, seq] examples: MASKED positions per sequence are predicted (and replaced by token 1)."""
+    generator = torch.Generator().manual_seed(1)
+    positions = torch.stack([torch.randperm(SEQ, generator=generator)[:MASKED] for _ in range(len(tokens))])
+    selected = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, True)
+    return torch.stack([tokens.masked_fill(selected, 1), tokens.masked_fill(~selected, -100)], dim=1)
 
 
 def main() -> None:
     device = init_process_group()
     tp, pp, zero = int(os.environ["TP"]), int(os.environ["PP"]), int(os.environ.get("ZERO", 0))
     results = {}
-    data = torch.randint(0, VOCAB, (STEPS * GLOBAL, SEQ), generator=torch.Generator().manual_seed(0))
-    for name, attention in VARIANTS.items():
-        cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, max_position_embeddings=SEQ,
-                          vocab_size=VOCAB, dropout=0.0, init_std=0.05, attention=AttentionConfig(**attention))
+    tokens = torch.randint(0, VOCAB, (STEPS * GLOBAL, SEQ), generator=torch.Generator().manual_seed(0))
+    for name, (family, attention) in RUNS.items():
+        data = mlm_examples(tokens) if family == "bert" else tokens
+        cfg = ModelConfig(family=family, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64,
+                          max_position_embeddings=SEQ, vocab_size=VOCAB, dropout=0.0, init_std=0.05,
+                          attention=AttentionConfig(**attention))
         layout = validate_layout(cfg, tensor=tp, pipeline=pp, zero_stage=zero, world_size=dist.get_world_size(),
                                  micro_batch_size=MICRO, global_batch_size=GLOBAL)
         accumulation = GLOBAL // (MICRO * layout.data)

@@ -11,7 +11,7 @@ from torch import nn
 from model.config import AttentionConfig, ModelConfig
 from model.opt import OPTForCausalLM
 from outliers.ptq import (ActQuantizer, PTQSettings, QuantLinear, _tail_value, act_quantizers, calibrate,
-                          fake_quant, quantize_w8a8, set_mode, weight_scale)
+                          fake_quant, quantize_w8a8, resolve_settings, set_mode, weight_scale)
 from outliers.report import EvalSettings, evaluate_model
 from outliers.stats import KURTOSIS_EPS, OutlierHooks, inf_norm, kurtosis, summarize
 
@@ -191,6 +191,11 @@ def test_w8a8_never_modifies_the_model_and_ties_lm_head_to_fp32() -> None:
     # embedding sum; per layer 6 Linear outputs, 2 LayerNorms, scores, probabilities, context, 2 residual sums;
     # the final LayerNorm
     assert len(act_quantizers(qmodel)) == 1 + 2 * 13 + 1
+    # the default weight range ("auto") is OPT's MSE recipe
+    assert resolve_settings(model, PTQSettings()).weight_range == "mse"
+    mse = quantize_w8a8(model, PTQSettings(weight_range="mse"))
+    fc2 = qmodel.decoder.layers[0].layer.fc2.weight
+    assert torch.equal(fc2, mse.decoder.layers[0].layer.fc2.weight)
 
 
 def _w8a8_logit_error(model: OPTForCausalLM) -> float:

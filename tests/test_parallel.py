@@ -1,4 +1,4 @@
-"""Every parallel layout against the single-process run, layout validation, and consolidation."""
+"""Every parallel layout against the single-process run (OPT and BERT), layout validation, and consolidation."""
 
 from __future__ import annotations
 

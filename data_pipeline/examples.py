@@ -1,0 +1,70 @@
+"""Training and evaluation examples for a model family's objective: the one place that knows both.
+
+    objective "causal" (OPT): token blocks of data.seq_length, documents separated by EOS;
+    objective "mlm"    (BERT): [2, data.seq_length] masked examples (data_pipeline/mlm.py).
+
+The launcher, the periodic and standalone evaluations and the calibration data all come through here, so
+they see the same examples for the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.mlm import SPECIAL_TOKENS, Masker, MaskingRule, MLMStream
+from data_pipeline.packing import BlockStream, validation_blocks
+from model.errors import ConfigError, ProjectError
+
+OBJECTIVES = ("causal", "mlm")
+
+
+def _check(cfg: DataConfig, objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} (expected one of {OBJECTIVES})")
+    if objective == "mlm" and cfg.seq_length <= SPECIAL_TOKENS:
+        raise ConfigError("data.seq_length", cfg.seq_length, "must exceed 2 for masked-LM examples ([CLS] ... [SEP])")
+
+
+def _block_config(cfg: DataConfig) -> DataConfig:
+    return replace(cfg, seq_length=cfg.seq_length - SPECIAL_TOKENS)
+
+
+def train_examples(cfg: DataConfig, objective: str, tokenizer: Any, dp_rank: int = 0, dp_world: int = 1,
+                   vocab_size: int | None = None) -> BlockStream | MLMStream:
+    """The endless, resumable training stream of one data-parallel rank."""
+    _check(cfg, objective)
+    if objective == "causal":
+        return BlockStream(cfg, tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world)
+    masker = Masker(tokenizer, MaskingRule.from_config(cfg), vocab_size)
+    blocks = BlockStream(_block_config(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
+                         separator_id=masker.sep_id)
+    return MLMStream(blocks, masker, cfg.seed)
+
+
+def eval_examples(cfg: DataConfig, objective: str, tokenizer: Any, split: str = "validation", dp_rank: int = 0,
+                  dp_world: int = 1, max_blocks: int | None = None, vocab_size: int | None = None) -> list[torch.Tensor]:
+    """The fixed evaluation examples of one rank (global example i goes to rank i % dp_world); MLM masks
+    come from data.mlm_eval_seed and the example's global index, so they are the same for every layout."""
+    _check(cfg, objective)
+    if objective == "causal":
+        return validation_blocks(cfg, tokenizer, split, dp_rank=dp_rank, dp_world=dp_world, max_blocks=max_blocks)
+    masker = Masker(tokenizer, MaskingRule.from_config(cfg), vocab_size)
+    blocks = validation_blocks(_block_config(cfg), tokenizer, split, max_blocks=max_blocks,
+                               separator_id=masker.sep_id)
+    mine = [masker.example(block, cfg.mlm_eval_seed, index)
+            for index, block in enumerate(blocks) if index % dp_world == dp_rank]
+    if not mine:
+        raise ProjectError(f"only {len(blocks)} {split} blocks for {dp_world} data-parallel ranks: "
+                           f"rank {dp_rank} gets none")
+    return mine
+
+
+def calibration_examples(cfg: DataConfig, objective: str, tokenizer: Any, count: int,
+                         vocab_size: int | None = None) -> list[torch.Tensor]:
+    """The first `count` training examples from the stream's seeded start: the same on every call."""
+    stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size)
+    return [next(stream) for _ in range(count)]
