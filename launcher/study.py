@@ -10,8 +10,9 @@ one sub-directory per variant); the outlier/W8A8 figures are those of the run's 
 
 Variant names: a softmax variant (`softmax`, `softmax1`, `clipped_softmax`, `clipped_softmax1`,
 `learnable_sink`), `gated` (vanilla softmax with the per-head gate, the QC paper's gated attention) or
-`<variant>+gated`. Clipped variants use the QC paper's OPT recipe, alpha = 12 (gamma = -12 / seq_length),
-unless --set gives attention.alpha/gamma.
+`<variant>+gated`. Clipped variants use the QC paper's recipes unless --set gives attention.alpha/gamma:
+for OPT alpha = 12 (gamma = -12 / seq_length), for BERT (model.family=bert, e.g. configs/bert_tiny.yaml,
+where the perplexities are MLM perplexities) gamma = -0.025, the config default.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def variant_overrides(name: str, user_overrides: list[str]) -> list[str]:
+def variant_overrides(name: str, user_overrides: list[str], family: str = "opt") -> list[str]:
     """Config overrides that select one study variant; raises ProjectError for an unknown name."""
     base, _, suffix = name.partition("+")
     if name == "gated":
@@ -55,8 +56,8 @@ def variant_overrides(name: str, user_overrides: list[str]) -> list[str]:
                            f"or '<variant>+gated')")
     overrides = [f"attention.variant={base}", f"attention.gated={str(bool(suffix)).lower()}"]
     user_attention = any(o.split("=", 1)[0].strip() in ("attention.alpha", "attention.gamma") for o in user_overrides)
-    if base.startswith("clipped") and not user_attention:
-        overrides.append("attention.alpha=12")  # QC's OPT recipe: gamma = -12 / seq_length
+    if base.startswith("clipped") and not user_attention and family == "opt":
+        overrides.append("attention.alpha=12")  # QC's OPT recipe: gamma = -12 / seq_length (BERT's is the default)
     return overrides
 
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is not None and args.steps <= 0:
             raise ProjectError(f"--steps must be positive, got {args.steps}")
         common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
-        plans = {name: variant_overrides(name, args.overrides) + common for name in names}
+        family = load_config(args.config, args.overrides).model.family
+        plans = {name: variant_overrides(name, args.overrides, family) + common for name in names}
         configs = {name: load_config(args.config, overrides) for name, overrides in plans.items()}  # validate all first
         first = next(iter(configs.values()))
         if first.eval.outlier_interval is None:
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = markdown_table(results)
     steps = first.train.steps if args.steps is None else args.steps
-    header = (f"# Attention-variant study\n\nconfig `{args.config}`, {steps} steps, seed {first.train.seed}, "
+    header = (f"# Attention-variant study ({first.model.family}"
+              f"{', MLM perplexities' if first.model.family == 'bert' else ''})\n\n"
+              f"config `{args.config}`, {steps} steps, seed {first.train.seed}, "
               f"data `{first.data.source}`; numbers from each run's last periodic evaluation "
               f"({first.eval.max_blocks or 'all'} validation blocks of {first.data.seq_length} tokens; W8A8 "
               f"calibrated on {first.eval.calibration_batches} x {first.eval.calibration_batch_size} training "

@@ -19,6 +19,7 @@ def test_variant_names_map_to_config_overrides() -> None:
     assert study.variant_overrides("softmax1+gated", [])[:2] == ["attention.variant=softmax1", "attention.gated=true"]
     assert "attention.alpha=12" in study.variant_overrides("clipped_softmax", [])
     assert "attention.alpha=12" not in study.variant_overrides("clipped_softmax", ["attention.gamma=-0.1"])
+    assert "attention.alpha=12" not in study.variant_overrides("clipped_softmax", [], family="bert")
     with pytest.raises(ProjectError, match="softmax2"):
         study.variant_overrides("softmax2", [])
 
@@ -51,6 +52,19 @@ def test_study_writes_table_plot_and_json(tmp_path: Path, monkeypatch: pytest.Mo
     saved = json.loads((out / "study.json").read_text())
     assert saved["steps"] == 4 and [p["step"] for p in saved["variants"]["gated"]["trajectory"]] == [2, 4]
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_accepts_the_bert_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(study.subprocess, "run", lambda args, **kw: calls.append(args) or _fake_training(args))
+    out = tmp_path / "bert_study"
+    code = study.main(["--config", "configs/bert_tiny.yaml", "--variants", "softmax,softmax1,clipped_softmax",
+                       "--steps", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert all("configs/bert_tiny.yaml" in args for args in calls) and len(calls) == 3
+    assert not any("attention.alpha=12" in args for args in calls)  # BERT's clipped recipe is gamma = -0.025
+    assert "(bert, MLM perplexities)" in (out / "study.md").read_text()
 
 
 def test_study_rejects_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
