@@ -125,7 +125,7 @@ class LoggingConfig:
             raise ConfigError("logging.run_name", self.run_name, "must be a non-empty name without '/'")
 
 
-W8A8_WEIGHT_RANGES = ("mse", "minmax")
+W8A8_WEIGHT_RANGES = ("auto", "mse", "minmax")
 
 
 @dataclass
@@ -138,7 +138,8 @@ class EvalConfig:
     # W8A8 calibration on the first batches of the train split (OPT protocol: 4 batches x 8 sequences).
     calibration_batches: int = 4
     calibration_batch_size: int = 8
-    w8a8_weight_range: str = "mse"  # symmetric per-tensor weight range: mse grid search (OPT) or minmax (BERT)
+    # Symmetric per-tensor weight range: mse grid search (OPT's recipe), minmax (BERT's), or auto (by model.family).
+    w8a8_weight_range: str = "auto"
     w8a8_act_percentile: float | None = 99.999  # clip each calibration batch to (100-p, p) percentiles; null = off
 
     def validate(self) -> None:

@@ -69,6 +69,35 @@ def test_cli_json_and_table(evaluated_run: Path, capsys: pytest.CaptureFixture[s
     assert "decoder.layers.1.self_attn.out_proj" in out and "w8a8_val_ppl" in out and "identical" in out
 
 
+@pytest.fixture(scope="module")
+def evaluated_bert_run(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("bert_runs")
+    overrides = tiny_overrides(data_cache, runs, **EVAL, **{"logging.run_name": "be", "train.steps": 3})
+    result = run_pretrain(overrides, config="configs/bert_tiny.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "W8A8 ppl" in result.stdout
+    return runs / "be"
+
+
+def test_bert_periodic_and_standalone_evaluations_agree(evaluated_bert_run: Path) -> None:
+    step_dir = evaluated_bert_run / "checkpoints" / "step_3"
+    saved = json.loads((step_dir / "outliers.json").read_text())
+    # the protocol's BERT activations: per layer the FFN output dense, its LayerNorm's input and output
+    assert set(saved["modules"]) == {f"bert.encoder.layer.{j}.{suffix}" for j in range(2)
+                                     for suffix in ("output.dense", "output.LayerNorm:input", "output.LayerNorm")}
+    assert 1 < saved["val_ppl"] < float("inf") and 1 < saved["w8a8_val_ppl"] < float("inf")
+    result = evaluate_checkpoint(step_dir, quant=True)  # MLM perplexity on the same fixed masks
+    assert result["in_training"] == "identical"
+    assert {k: result[k] for k in SUMMARY_KEYS} == {k: saved[k] for k in SUMMARY_KEYS}
+    assert result["modules"] == saved["modules"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(evaluated_bert_run / "tb"), size_guidance={"images": 0}).Reload()
+    assert "outliers_inf_norm/bert.encoder.layer.1.output.LayerNorm_input" in events.Tags()["scalars"]
+    assert "outliers/per_layer" in events.Tags()["images"]
+
+
 def test_cli_rejects_bad_checkpoints_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def error(path: Path) -> str:
         assert main(["--checkpoint", str(path)]) == 2

@@ -122,7 +122,8 @@ def test_per_layer_grid_table_and_tags_for_bert() -> None:
     grid = per_layer_grid(modules, "inf_norm")
     assert len(grid) == 3 and all(len(row) == LAYERS for row in grid)  # ffn_out, ffn_residual, layer_out
     assert grid[1][1] == modules["bert.encoder.layer.1.output.LayerNorm:input"]["inf_norm"]
-    assert tensorboard_tag("bert.encoder.layer.1.output.LayerNorm:input") == "bert.encoder.layer.1.output.LayerNorm_input"
+    tag = tensorboard_tag("bert.encoder.layer.1.output.LayerNorm:input")
+    assert tag == "bert.encoder.layer.1.output.LayerNorm_input"
     table = format_table({"modules": modules, **summarize(modules)})
     assert "bert.encoder.layer.0.output.LayerNorm:input" in table and "ffn_residual" in table
 
@@ -162,7 +163,8 @@ def test_protocol_quantization_points_and_fp32_head() -> None:
     layer, qlayer = model.bert.encoder.layer[0], qmodel.bert.encoder.layer[0]
     minmax = PTQSettings(weight_range="minmax")
     assert torch.equal(qlayer.output.dense.weight, quantize_weight(layer.output.dense.weight, minmax))
-    assert torch.equal(qlayer.intermediate.module.dense.weight, quantize_weight(layer.intermediate.dense.weight, minmax))
+    intermediate = qlayer.intermediate.module.dense.weight
+    assert torch.equal(intermediate, quantize_weight(layer.intermediate.dense.weight, minmax))
     for name in ("position_embeddings", "token_type_embeddings"):
         weight = getattr(model.bert.embeddings, name).weight
         assert torch.equal(getattr(qmodel.bert.embeddings, name).weight, quantize_weight(weight, minmax)), name
