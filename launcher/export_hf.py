@@ -172,6 +172,13 @@ def name_bert_special_tokens(tok: Any) -> None:
              if token in vocab and getattr(tok, attribute) is None}
     if named:
         tok.add_special_tokens(named)
+    if tok.cls_token_id is not None and tok.sep_token_id is not None:
+        # Every training example is [CLS] text [SEP] (token type 0): encode text the same way by default.
+        from tokenizers import processors
+
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.cls_token} $A {tok.sep_token}", pair=f"{tok.cls_token} $A {tok.sep_token} $B:1 {tok.sep_token}:1",
+            special_tokens=[(tok.cls_token, tok.cls_token_id), (tok.sep_token, tok.sep_token_id)])
 
 
 def export(checkpoint: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "auto",

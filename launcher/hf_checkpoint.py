@@ -39,8 +39,10 @@ HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `mo
 # (OPT: `...self_attn.sink_logit`, BERT: `...attention.self.sink_logit`).
 VARIANT_PARAM = re.compile(r"\.(?:self_attn|attention\.self)\.(sink_logit|gate\.\w+)$")
 # BERT: this project's attention projections -> transformers' BertForMaskedLM names (the rest is identical).
-BERT_TO_HF = {".attention.self.q_proj.": ".attention.self.query.", ".attention.self.k_proj.": ".attention.self.key.",
-              ".attention.self.v_proj.": ".attention.self.value.", ".attention.self.out_proj.": ".attention.output.dense."}
+BERT_TO_HF = {".attention.self.q_proj.": ".attention.self.query.",
+              ".attention.self.k_proj.": ".attention.self.key.",
+              ".attention.self.v_proj.": ".attention.self.value.",
+              ".attention.self.out_proj.": ".attention.output.dense."}
 BERT_ROOTS = ("bert.", "cls.")
 # transformers' BertForMaskedLM decoder, tied to the word embeddings and the head's bias: written, never read
 BERT_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

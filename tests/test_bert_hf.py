@@ -5,6 +5,7 @@ trust_remote_code (every other variant), giving the project's logits."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from data_pipeline.tokenizer import Tokenizer
 from launcher.config import RunConfig, config_from_dict, save_config
 from launcher.export_hf import main as export_main
-from launcher.hf_checkpoint import from_hf, save_weights_checkpoint, to_hf
+from launcher.hf_checkpoint import expected_shapes, from_hf, init_state, save_weights_checkpoint, to_hf
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
 from model.errors import ProjectError
@@ -153,12 +154,14 @@ def test_bert_export_tokenizer_names_bert_special_tokens(sp_model: Path, tmp_pat
         tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.pad_id) == (5, 6, 7, 0)
     for text in ["Hello  world.\n  indented", "Café 東京 🙂", *wiki_texts(20, skip=5000)]:
         ids = tokenizer.encode(text)
-        assert hf(text)["input_ids"] == ids, text  # nothing added around the text, same pieces
+        # [CLS] text [SEP], as every training example; the same pieces in between
+        assert hf(text)["input_ids"] == [5] + ids + [6], text
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
         assert hf.decode(ids) == tokenizer.decode(ids) == text, text
     # the named tokens take the spaces around them: a masked word looks as in training
-    the, of = tokenizer.encode("The"), tokenizer.encode(" of")
-    assert hf("The [MASK] of")["input_ids"] == the + [7] + of
-    assert hf("[CLS] The [SEP]")["input_ids"] == [5] + the + [6]
+    the, of = tokenizer.encode("The"), tokenizer.encode("of")  # ▁The, ▁of
+    assert hf("The [MASK] of")["input_ids"] == [5] + the + [7] + of + [6]
+    assert hf("[CLS] The [SEP]", add_special_tokens=False)["input_ids"] == [5] + the + [6]
 
 
 def test_bert_export_loads_without_the_project(sp_model: Path, tmp_path: Path) -> None:
@@ -176,12 +179,18 @@ sys.path_importer_cache.clear()
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 assert all(importlib.util.find_spec(m) is None for m in ("model", "launcher", "data_pipeline", "parallel"))
+try:  # stock BERT, the remote file not loaded: transformers refuses the unknown attention implementation
+    AutoModelForMaskedLM.from_pretrained({str(out)!r})(torch.tensor([[5, 6]]))
+    refused = False
+except ValueError:
+    refused = True
 tok = AutoTokenizer.from_pretrained({str(out)!r})
 lm = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 batch = tok(["The city of [MASK] is", "A [MASK]"], padding=True, return_tensors="pt")
 with torch.no_grad():
     logits = lm(**batch).logits
-print(json.dumps({{"ids": batch.input_ids.tolist(), "mask": batch.attention_mask.tolist(), "logits": logits.tolist()}}))
+print(json.dumps({{"refused": refused, "ids": batch.input_ids.tolist(), "mask": batch.attention_mask.tolist(),
+                  "logits": logits.tolist()}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
@@ -189,10 +198,27 @@ print(json.dumps({{"ids": batch.input_ids.tolist(), "mask": batch.attention_mask
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["refused"]
     ids, mask = torch.tensor(got["ids"]), torch.tensor(got["mask"])
     assert mask[1].sum() < mask.shape[1] and 7 in got["ids"][1]  # padded, and [MASK] is one token
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(got["logits"]), model(ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_bert_init_from_switches_variant_keeping_every_weight(sp_model: Path, tmp_path: Path) -> None:
+    """train.init_from a softmax BERT with learnable_sink + gate: shapes from the BERT model, new parameters fresh."""
+    source = bert_run_config(tmp_path, sp_model, variant="softmax")
+    model, ckpt = weights_checkpoint(source, tmp_path / "ckpt")
+    cfg = bert_run_config(tmp_path, sp_model, variant="learnable_sink", gated=True, gate_type="mlp")
+    assert "bert.encoder.layer.1.attention.self.gate.hidden_weight" in expected_shapes(cfg)
+    state = init_state(ckpt, cfg)
+    target = BertForMaskedLM(cfg.model, seq_length=cfg.data.seq_length)
+    target.load_state_dict(state, strict=True)
+    attention = target.bert.encoder.layer[1].attention.self
+    assert torch.equal(attention.sink_logit, torch.zeros(4))
+    assert torch.allclose(attention.gate.bias, torch.full((4,), math.log(0.25 / 0.75)))
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
 
 
 def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
