@@ -168,10 +168,7 @@ class BertForMaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, seq_length: int | None = None, layers: LocalLayers | None = None) -> None:
         super().__init__()
         cfg.validate()
-        seq_length = seq_length or cfg.max_position_embeddings
-        if seq_length > cfg.max_position_embeddings:
-            raise ValueError(f"seq_length={seq_length} exceeds model.max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        seq_length = cfg.sequence_length(seq_length)
         if not cfg.tie_word_embeddings:
             raise ValueError("BERT's MLM decoder is tied to the word embeddings; set model.tie_word_embeddings=true")
         self.config = cfg

@@ -83,6 +83,14 @@ class ModelConfig:
         m = self.pad_vocab_to_multiple_of
         return ((self.vocab_size + m - 1) // m) * m
 
+    def sequence_length(self, seq_length: int | None) -> int:
+        """The length a model is built for: `seq_length` (default max_position_embeddings), checked."""
+        seq_length = seq_length or self.max_position_embeddings
+        if seq_length > self.max_position_embeddings:
+            raise ValueError(f"seq_length={seq_length} exceeds model.max_position_embeddings="
+                             f"{self.max_position_embeddings}")
+        return seq_length
+
     def validate(self) -> None:
         if self.family not in MODEL_FAMILIES:
             raise ConfigError("model.family", self.family, f"must be one of {', '.join(MODEL_FAMILIES)}")

@@ -72,10 +72,7 @@ class OPTForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, seq_length: int | None = None, layers: LocalLayers | None = None) -> None:
         super().__init__()
         cfg.validate()
-        seq_length = seq_length or cfg.max_position_embeddings
-        if seq_length > cfg.max_position_embeddings:
-            raise ValueError(f"seq_length={seq_length} exceeds model.max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        seq_length = cfg.sequence_length(seq_length)
         self.config = cfg
         self.layers = layers or LocalLayers(cfg.init_std)
         self.decoder = OPTDecoder(cfg, seq_length, self.layers)

@@ -31,6 +31,19 @@ def tiny_overrides(cache_dir: Path, run_dir: Path, **extra: object) -> list[str]
     return [f"{key}={value}" for key, value in values.items()]
 
 
+def without_project_prelude() -> str:
+    """Python source that hides this project from a child interpreter, even where it is pip-installed in
+    editable mode (setuptools' finder + repo paths): exported folders must load with transformers alone."""
+    return f"""
+import importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != {str(REPO)!r}]
+sys.path_importer_cache.clear()
+assert all(importlib.util.find_spec(m) is None for m in ("model", "launcher", "data_pipeline", "parallel"))
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import without_project_prelude
+
 from data_pipeline.tokenizer import Tokenizer
 from launcher.config import RunConfig, config_from_dict, save_config
 from launcher.export_hf import main as export_main
@@ -168,17 +170,9 @@ def test_bert_export_loads_without_the_project(sp_model: Path, tmp_path: Path) -
     cfg = bert_run_config(tmp_path, sp_model, variant="learnable_sink", gated=True, gate_type="mlp")
     model, ckpt = weights_checkpoint(cfg, tmp_path / "ckpt", seed=3)
     out = export(ckpt, tmp_path / "hf")
-    repo = str(Path(__file__).resolve().parents[1])
-    script = f"""
-import importlib.util, json, sys
-# Hide this project even where it is pip-installed in editable mode (setuptools' finder + repo paths).
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != {repo!r}]
-sys.path_importer_cache.clear()
+    script = without_project_prelude() + f"""
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-assert all(importlib.util.find_spec(m) is None for m in ("model", "launcher", "data_pipeline", "parallel"))
 try:  # stock BERT, the remote file not loaded: transformers refuses the unknown attention implementation
     AutoModelForMaskedLM.from_pretrained({str(out)!r})(torch.tensor([[5, 6]]))
     refused = False

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import without_project_prelude
+
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from launcher.config import RunConfig, config_from_dict, save_config
 from launcher.export_hf import main as export_main
@@ -170,17 +172,9 @@ def test_hf_perplexity_equals_project_perplexity(softmax1_export, sp_model: Path
 
 def test_export_loads_and_generates_without_the_project(softmax1_export, tmp_path: Path) -> None:
     cfg, model, out = softmax1_export
-    repo = str(Path(__file__).resolve().parents[1])
-    script = f"""
-import importlib.util, json, sys
-# Hide this project even where it is pip-installed in editable mode (setuptools' finder + repo paths).
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != {repo!r}]
-sys.path_importer_cache.clear()
+    script = without_project_prelude() + f"""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-assert all(importlib.util.find_spec(m) is None for m in ("model", "launcher", "data_pipeline", "parallel"))
 tok = AutoTokenizer.from_pretrained({str(out)!r})
 lm = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 ids = tok("The city of\\nParis", return_tensors="pt").input_ids
