@@ -169,8 +169,6 @@ class BertForMaskedLM(nn.Module):
         super().__init__()
         cfg.validate()
         seq_length = cfg.sequence_length(seq_length)
-        if not cfg.tie_word_embeddings:
-            raise ValueError("BERT's MLM decoder is tied to the word embeddings; set model.tie_word_embeddings=true")
         self.config = cfg
         self.layers = layers or LocalLayers(cfg.init_std)
         self.bert = BertModel(cfg, seq_length, self.layers)

@@ -86,3 +86,5 @@ def test_families_build_the_right_model_and_bad_family_is_one_line() -> None:
     with pytest.raises(ConfigError, match="model.family") as info:
         ModelConfig(family="t5").validate()
     assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="model.tie_word_embeddings"):
+        ModelConfig(family="bert", tie_word_embeddings=False).validate()
