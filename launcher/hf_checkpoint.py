@@ -229,7 +229,7 @@ def from_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") ->
 
 
 def _bert_to_hf(state: StateDict) -> StateDict:
-    # BERT's MLM decoder is always tied here (model/bert.py refuses an untied one).
+    # BERT's MLM decoder is always tied (ModelConfig.validate refuses an untied one).
     out: StateDict = {}
     for key, value in state.items():
         if not key.startswith(BERT_ROOTS) or key in BERT_TIED:
