@@ -23,7 +23,7 @@ from launcher.hf_checkpoint import expected_shapes, from_hf, init_state, save_we
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
 from model.errors import ProjectError
-from test_export_hf import SEQ, VOCAB, sp_model, wiki_texts  # noqa: F401 (sp_model: the SentencePiece fixture)
+from test_export_hf import SEQ, VOCAB, _error, sp_model, wiki_texts  # noqa: F401 (sp_model: the SentencePiece fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,13 +213,6 @@ def test_bert_init_from_switches_variant_keeping_every_weight(sp_model: Path, tm
     assert torch.allclose(attention.gate.bias, torch.full((4,), math.log(0.25 / 0.75)))
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key
-
-
-def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    assert export_main(list(args)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 def test_mismatched_bert_checkpoints_fail_with_one_line(sp_model: Path, tmp_path: Path,
