@@ -193,7 +193,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     stopping = False
     while step < cfg.train.steps:
         step_lr = engine.get_lr()[0]
-        step_loss, grad_norm = train_step(pm, batch_iter, prep.grad_accumulation, cfg.parallel.zero_stage, device)
+        step_loss, grad_norm = train_step(pm, batch_iter, prep.grad_accumulation, device)
         step += 1
         window_loss += step_loss
         window_steps += 1

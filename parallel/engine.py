@@ -22,11 +22,12 @@ from torch import nn
 from model.config import ModelConfig
 from model.families import ModelFamily, build_model, family_of
 from model.layers import LocalLayers
+from parallel.grad_clip import install_global_norm_clipping, uses_plain_optimizer
 from parallel.groups import MegatronMPU, init_model_parallel
 from parallel.layout import Layout
 from parallel.pipeline import build_pipeline, canonical_name
 from parallel.random import seed_model_parallel_rng
-from parallel.sharding import load_full_state_dict, manifest, merge_shards, partition_dim
+from parallel.sharding import load_full_state_dict, manifest, merge_shards
 
 
 @dataclass
@@ -120,28 +121,18 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
         del full
     optimizer = make_optimizer(module)
     mpu = MegatronMPU() if layout.tensor > 1 and layout.pipeline == 1 else None  # a PipelineModule brings its grid
+    plain = uses_plain_optimizer(ds_config)
+    if plain:  # DeepSpeed's own clipping on this path miscounts under pipelines (parallel/grad_clip.py)
+        norm_mpu = module.mpu() if layout.pipeline > 1 else mpu  # type: ignore[operator]
+        install_global_norm_clipping(optimizer, float(ds_config.get("gradient_clipping", 0.0)), norm_mpu)
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
                                            config=ds_config, mpu=mpu)
+    if plain and engine.optimizer is not optimizer:
+        raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; gradient "
+                           "clipping expects it to step the client optimizer (ZeRO-0, fp32)")
     return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map,
                          num_parameters=num_parameters, family=family_of(cfg))
-
-
-def gradient_norm(module: nn.Module) -> float:
-    """Global L2 norm of the gradients: split parameters summed over TP ranks, replicated ones once."""
-    split = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for param in module.parameters():
-        if param.grad is None:
-            continue
-        squares = param.grad.detach().double().pow(2).sum().cpu()
-        if partition_dim(param) is not None:
-            split += squares
-        else:
-            replicated += squares
-    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
-        group = ps.get_tensor_model_parallel_group()
-        dist.all_reduce(split.to(_comm_device(group)), group=group)
-    return math.sqrt(float(split + replicated))
 
 
 def _comm_device(group: Any) -> torch.device:
@@ -156,28 +147,27 @@ def _dp_mean(value: float, pm: ParallelModel) -> float:
     return float(tensor.item()) / pm.layout.data
 
 
-def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumulation: int, zero_stage: int,
+def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumulation: int,
                device: torch.device) -> tuple[float, float | None]:
-    """One optimizer step over `grad_accumulation` micro-batches: (mean loss over DP ranks, grad norm)."""
+    """One optimizer step over `grad_accumulation` micro-batches: (mean loss over DP ranks, global grad norm).
+
+    The norm is the single-process one in every layout: DeepSpeed's ZeRO/bf16/fp16 optimizers compute it,
+    and on the plain ZeRO-0 fp32 path parallel/grad_clip.py does. None only if DeepSpeed computed none."""
     engine = pm.engine
     if pm.pipelined:
         pairs = (tuple(t.to(device) for t in pm.family.split_batch(b)) for b in batches)
-        loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
-        norm = engine.get_global_grad_norm()
-        return loss, float(norm) if norm is not None else None
-    step_loss, norm = 0.0, None
-    for _ in range(grad_accumulation):
-        inputs, labels = pm.family.split_batch(next(batches).to(device))
-        loss = engine(inputs, labels=labels)
-        engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary() and zero_stage == 0:
-            norm = gradient_norm(engine.module)  # ZeRO-0 does not record it; gradients are whole here
-        engine.step()
-        step_loss += loss.item() / grad_accumulation
-    if norm is None:
-        ds_norm = engine.get_global_grad_norm()
-        norm = float(ds_norm) if ds_norm is not None else None
-    return _dp_mean(step_loss, pm), norm
+        step_loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
+    else:
+        step_loss = 0.0
+        for _ in range(grad_accumulation):
+            inputs, labels = pm.family.split_batch(next(batches).to(device))
+            loss = engine(inputs, labels=labels)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / grad_accumulation
+        step_loss = _dp_mean(step_loss, pm)
+    norm = engine.get_global_grad_norm()
+    return step_loss, float(norm) if norm is not None else None
 
 
 @torch.no_grad()

@@ -1,8 +1,12 @@
-"""Run under `torch.distributed.run`: train tiny OPT and BERT models for 10 steps in the layout given by
-TP/PP/ZERO env vars (data parallel fills the rest of the world) and write the per-step losses as JSON (rank 0).
+"""Run under `torch.distributed.run`: train tiny OPT and BERT models for STEPS steps in each layout listed in
+the LAYOUTS env var ("tp,pp,zero;tp,pp,zero;..."; data parallel fills the rest of the world) and write, per
+layout and run, the per-step losses and logged gradient norms as JSON (rank 0). With DROPOUT=p, hidden and
+attention dropout are on and TP layouts also report how far their ranks' replicated weights drifted apart.
 
 Used by tests/test_parallel.py to compare every layout with the single-process run; it goes through
-parallel/engine.py, the code path of launcher.pretrain.
+parallel/engine.py, the code path of launcher.pretrain. Every mechanism that can differ between layouts is
+active at once: clipping that binds (CLIP is far below the gradient norms), several accumulation steps per
+optimizer step, a warmup + cosine schedule, and enough steps for Adam's second moment to shape the updates.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from launcher.distributed import init_process_group  # noqa: E402
 from launcher.schedule import build_scheduler  # noqa: E402
 from model.config import AttentionConfig, ModelConfig  # noqa: E402
 from parallel.engine import build_parallel_model, train_step  # noqa: E402
+from parallel.groups import destroy_model_parallel  # noqa: E402
 from parallel.layout import validate_layout  # noqa: E402
 
-RUNS = {"opt/softmax": ("opt", dict(variant="softmax")), "opt/softmax1": ("opt", dict(variant="softmax1")),
+RUNS = {"opt/softmax": ("opt", dict(variant="softmax")),
         "opt/softmax1_gated": ("opt", dict(variant="softmax1", gated=True)),
         "bert/softmax1": ("bert", dict(variant="softmax1")),
         "bert/learnable_sink_gated": ("bert", dict(variant="learnable_sink", gated=True))}
-STEPS, MICRO, GLOBAL, SEQ, VOCAB = 10, 2, 4, 16, 128
-MASKED = 3  # MLM labels per sequence: equal counts, so DP's mean of rank means is the global mean
+STEPS, MICRO, GLOBAL, SEQ, VOCAB = 10, 2, 8, 16, 128
+CLIP = 0.2  # the tiny models' gradient norms are 0.5-3: clipping scales every step
+MASKED = 6  # MLM labels per sequence: equal counts, so DP's mean of rank means is the global mean
 
 
 def mlm_examples(tokens: torch.Tensor) -> torch.Tensor:
@@ -39,29 +45,47 @@ def mlm_examples(tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([tokens.masked_fill(selected, 1), tokens.masked_fill(~selected, -100)], dim=1)
 
 
-def main() -> None:
-    device = init_process_group()
-    tp, pp, zero = int(os.environ["TP"]), int(os.environ["PP"]), int(os.environ.get("ZERO", 0))
+def replicated_divergence(module: torch.nn.Module) -> float:
+    """Largest difference between tensor-parallel ranks of any parameter every TP rank holds whole."""
+    from megatron.core import parallel_state as ps
+
+    from parallel.sharding import partition_dim
+
+    group = ps.get_tensor_model_parallel_group()
+    worst = 0.0
+    for param in module.parameters():
+        if partition_dim(param) is None:
+            copies = [torch.empty_like(param.data) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(copies, param.data.contiguous(), group=group)
+            worst = max(worst, max(float((c - copies[0]).abs().max()) for c in copies))
+    return worst
+
+
+def train_layout(tp: int, pp: int, zero: int, device: torch.device,
+                 dropout: float = 0.0) -> dict[str, dict[str, list[float]]]:
+    from megatron.core import parallel_state as ps
+
     results = {}
-    tokens = torch.randint(0, VOCAB, (STEPS * GLOBAL, SEQ), generator=torch.Generator().manual_seed(0))
+    # Learnable sequences (each token one more than the last, from a random start), so every run must improve.
+    starts = torch.randint(0, VOCAB, (STEPS * GLOBAL, 1), generator=torch.Generator().manual_seed(0))
+    tokens = (starts + torch.arange(SEQ)) % VOCAB
     for name, (family, attention) in RUNS.items():
         data = mlm_examples(tokens) if family == "bert" else tokens
         cfg = ModelConfig(family=family, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64,
-                          max_position_embeddings=SEQ, vocab_size=VOCAB, dropout=0.0, init_std=0.05,
+                          max_position_embeddings=SEQ, vocab_size=VOCAB, dropout=dropout, attention_dropout=dropout,
+                          init_std=0.05,
                           attention=AttentionConfig(**attention))
         layout = validate_layout(cfg, tensor=tp, pipeline=pp, zero_stage=zero, world_size=dist.get_world_size(),
                                  micro_batch_size=MICRO, global_batch_size=GLOBAL)
         accumulation = GLOBAL // (MICRO * layout.data)
         ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
-                     "gradient_accumulation_steps": accumulation, "gradient_clipping": 1.0,
+                     "gradient_accumulation_steps": accumulation, "gradient_clipping": CLIP,
                      "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
         pm = build_parallel_model(
             cfg, layout, seq_length=SEQ, seed=7, ds_config=ds_config,
-            make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1),
-            make_scheduler=lambda o: build_scheduler(o, lr=3e-3, min_lr=3e-4, warmup_steps=2, total_steps=STEPS,
+            make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+            make_scheduler=lambda o: build_scheduler(o, lr=1e-2, min_lr=1e-3, warmup_steps=3, total_steps=STEPS,
                                                      schedule="cosine"))
-        from megatron.core import parallel_state as ps
-
         dp_rank = ps.get_data_parallel_rank()
         mine = data[dp_rank::layout.data]  # block sharding, as data_pipeline's shard_by=blocks
 
@@ -70,7 +94,27 @@ def main() -> None:
                 yield mine[start:start + MICRO]
 
         stream = batches()
-        results[name] = [train_step(pm, stream, accumulation, zero, device)[0] for _ in range(STEPS)]
+        steps = [train_step(pm, stream, accumulation, device) for _ in range(STEPS)]
+        results[name] = {"loss": [loss for loss, _ in steps],
+                         "grad_norm": [float("nan") if norm is None else norm for _, norm in steps]}
+        if dropout and tp > 1 and pp == 1:
+            results[name]["replicated_divergence"] = replicated_divergence(pm.module)
+    return results
+
+
+def main() -> None:
+    import deepspeed.utils.groups as ds_groups
+
+    device = init_process_group()
+    results = {}
+    dropout = float(os.environ.get("DROPOUT", 0.0))
+    for spec in os.environ["LAYOUTS"].split(";"):
+        tp, pp, zero = (int(x) for x in spec.split(","))
+        results[spec] = train_layout(tp, pp, zero, device, dropout)
+        # The next layout builds its own groups; DeepSpeed keeps the last engine's mpu in a module global.
+        destroy_model_parallel()
+        ds_groups.mpu = None
+        dist.barrier()
     if dist.get_rank() == 0:
         Path(os.environ["OUT"]).write_text(json.dumps(results))
     dist.barrier()
