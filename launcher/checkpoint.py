@@ -67,6 +67,14 @@ def read_latest(checkpoint_dir: Path) -> str | None:
     return pointer.read_text().strip() or None
 
 
+def last_checkpoint_note(checkpoint_dir: Path) -> str:
+    """Half a sentence for a failed run's error line: where the user continues from."""
+    tag = read_latest(checkpoint_dir)
+    if tag is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint {checkpoint_dir / tag} is intact (continue from it with --resume auto)"
+
+
 def resolve_checkpoint(path: Path, world_size: int) -> tuple[Path, str]:
     """(checkpoints dir, tag) for a checkpoints dir (follows `latest`) or a step directory.
 

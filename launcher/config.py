@@ -24,6 +24,7 @@ from parallel.layout import PARTITION_METHODS
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")  # what a step with an inf/NaN loss or gradient does (launcher/nonfinite.py)
 
 
 @dataclass
@@ -76,9 +77,13 @@ class TrainConfig:
     # Start from these weights (fresh optimizer and data stream): a weights-only checkpoint (launcher.import_hf,
     # parallel.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
     init_from: str | None = None
+    # A step whose loss or gradient is inf/NaN is never applied; then `stop` the run (exit code 1, the last
+    # checkpoint stays `latest`) or `skip` that update and go on, at most max_nonfinite_skips steps in a row.
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     def validate(self) -> None:
-        for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval"):
+        for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval", "max_nonfinite_skips"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"train.{key}", value, "must be a positive integer")
@@ -106,6 +111,8 @@ class TrainConfig:
             raise ConfigError("train.exit_interval", self.exit_interval, "must be positive or null")
         if self.keep_checkpoints < 0:
             raise ConfigError("train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError("train.nonfinite", self.nonfinite, f"must be one of {', '.join(NONFINITE_POLICIES)}")
 
 
 @dataclass

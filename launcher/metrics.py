@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
+
+from launcher import json_safe
 
 
 class MetricsLogger:
@@ -32,7 +33,8 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(f"{kind}/{name}", value, step)
         assert self._jsonl is not None
-        self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        self._jsonl.write(json_safe.dumps(record) + "\n")  # a diverged loss is null, never a bare NaN
 
     def close(self) -> None:
         if self.writer is not None:

@@ -9,8 +9,8 @@ batches, evaluates, logs and decides when to checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,18 +22,19 @@ import torch
 from data_pipeline import Tokenizer, batch_iterator, eval_examples, load_or_train_tokenizer, train_examples
 from data_pipeline.mlm import MLMStream
 from data_pipeline.packing import BlockStream
-from launcher.checkpoint import load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint, step_tag
+from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint, step_tag
 from launcher.config import RunConfig, load_config, save_config
 from launcher.distributed import WorldInfo, init_process_group, world_from_env
+from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
+from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, skip_nonfinite_updates, weights_finite
 from launcher.schedule import build_scheduler
 from launcher.signals import GracefulStop
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from model.errors import ConfigError, ProjectError
 from model.families import family_of
-from parallel.engine import build_parallel_model, eval_loss, train_step
 from parallel.layout import Layout, validate_layout
 from parallel.random import TRACKER
 from outliers.periodic import PeriodicOutlierEval, check_config as check_outlier_config
@@ -131,6 +132,10 @@ def _format_duration(seconds: float) -> str:
 def train(prep: Prepared) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    # Imported here, not at the top: megatron-core and DeepSpeed take seconds to import and print warnings,
+    # and bad input is rejected before any of that.
+    from parallel.engine import build_parallel_model, eval_loss, train_step
+
     cfg, world = prep.cfg, prep.world
     device = init_process_group()
     torch.manual_seed(cfg.train.seed)
@@ -148,6 +153,8 @@ def train(prep: Prepared) -> dict[str, Any]:
         partition_method=cfg.parallel.partition_method,
         activation_checkpointing=cfg.parallel.activation_checkpointing)
     engine = pm.engine
+    if not hasattr(engine.optimizer, "overflow"):  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip inf/NaN themselves
+        skip_nonfinite_updates(engine.optimizer)
     run_path, checkpoint_dir = cfg.run_path, cfg.run_path / "checkpoints"
     if world.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
@@ -175,6 +182,8 @@ def train(prep: Prepared) -> dict[str, Any]:
               f"{cfg.train.global_batch_size} x {cfg.data.seq_length} tokens", flush=True)
 
     def checkpoint(at_step: int) -> None:
+        if not weights_finite(engine.module):  # never reached through the guard; a last line of defence
+            raise NonFiniteStop(at_step, "weights", "found before writing the checkpoint")
         save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
                         {"data": prep.train_stream.state_dict(), "tp_rng": TRACKER.state_dict(),
                          "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints)
@@ -191,15 +200,27 @@ def train(prep: Prepared) -> dict[str, Any]:
     last_train_loss = float("nan")
     val: dict[str, float] = {}
     stopping = False
+    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, loss_scaled=cfg.train.precision == "fp16")
+    failure: RunFailure | None = None
     while step < cfg.train.steps:
         step_lr = engine.get_lr()[0]
         step_loss, grad_norm = train_step(pm, batch_iter, prep.grad_accumulation, device)
         step += 1
-        window_loss += step_loss
-        window_steps += 1
         progress.update(1)
+        try:  # all ranks agree; the optimizer has already refused a non-finite update
+            skipped = guard.check(step, step_loss, grad_norm, bool(getattr(engine.optimizer, "overflow", False)))
+        except NonFiniteStop as stop:
+            failure, step = stop, step - 1  # `step` counts steps that ran; this one's update was not applied
+            break
+        if skipped is not None:
+            metrics.log(step, "event", {"skipped_update": f"non-finite {skipped}"})
+            if world.is_main:
+                progress.write(f"step {step}: non-finite {skipped}; update skipped (train.nonfinite=skip)")
+        else:
+            window_loss += step_loss
+            window_steps += 1
         if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
-            last_train_loss = window_loss / window_steps
+            last_train_loss = window_loss / window_steps if window_steps else float("nan")
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             record = {"loss": last_train_loss, "lr": step_lr,
@@ -218,7 +239,11 @@ def train(prep: Prepared) -> dict[str, Any]:
         exiting = stopping or (bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0)
         outliers_due = outlier_eval is not None and outlier_eval.due(step)
         if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting or outliers_due:
-            checkpoint(step)
+            try:
+                checkpoint(step)
+            except NonFiniteStop as stop:
+                failure = stop
+                break
         if outliers_due:  # evaluates the checkpoint just written; outliers.json goes next to it
             line = outlier_eval.run(pm.full_state_dict(), step, checkpoint_dir / step_tag(step), device)
             if line:
@@ -229,13 +254,13 @@ def train(prep: Prepared) -> dict[str, Any]:
                 progress.write(f"step {step}: {reason}; checkpoint saved, continue with --resume auto")
             break
     progress.close()
-    if not val:  # resumed at or past the last step: still report where the model stands
+    if not val and failure is None:  # resumed at or past the last step: still report where the model stands
         val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
 
     wall = time.perf_counter() - start_time
     trained_steps = step - start_step
     summary = {
-        "run_name": cfg.logging.run_name, "steps": step, "completed": step >= cfg.train.steps,
+        "run_name": cfg.logging.run_name, "steps": step, "completed": failure is None and step >= cfg.train.steps,
         "tokens": step * tokens_per_step,
         "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
         "uniform_ppl": float(cfg.model.vocab_size), "parameters": pm.num_parameters,
@@ -244,17 +269,25 @@ def train(prep: Prepared) -> dict[str, Any]:
         "world_size": world.world_size, "layout": vars(layout), "zero_stage": cfg.parallel.zero_stage,
         "wall_time_s": wall, "tokens_per_s": trained_steps * tokens_per_step / wall if wall > 0 else None,
         "checkpoint": str(checkpoint_dir / (read_latest(checkpoint_dir) or "")),
-        "stopped_by": stopper.signal_name if stopping else None,
+        "stopped_by": "nonfinite" if isinstance(failure, NonFiniteStop) else stopper.signal_name if stopping else None,
+        "error": str(failure) if failure is not None else None,
         **throughput_metrics(trained_steps * tokens_per_step / wall if wall > 0 else 0.0, flops_token,
                              world.world_size, peak),
         **(outlier_eval.summary() if outlier_eval is not None else {}),
     }
     if world.is_main:
-        (run_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_path / "summary.json").write_text(json_safe.dumps(summary, indent=2) + "\n")
         print_summary(summary, run_path)
     metrics.close()
     stopper.restore()  # hands a swallowed signal to the previous handler (e.g. submitit's requeue)
+    if failure is not None:  # after summary.json: main() prints the one line and exits non-zero
+        raise failure
     return summary
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A summary number, or "n/a" where none exists (no step logged yet, or a non-finite value)."""
+    return format(value, spec) if value is not None and math.isfinite(value) else "n/a"
 
 
 def print_summary(summary: dict[str, Any], run_path: Path) -> None:
@@ -262,8 +295,8 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
     lines = [
         f"== {summary['run_name']}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens in "
         f"{_format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
-        f"train loss {summary['train_loss']:.4f} | val loss {summary['val_loss']:.4f} | "
-        f"val {'MLM ' if summary['objective'] == 'mlm' else ''}ppl {summary['val_ppl']:.2f} "
+        f"train loss {_number(summary['train_loss'], '.4f')} | val loss {_number(summary['val_loss'], '.4f')} | "
+        f"val {'MLM ' if summary['objective'] == 'mlm' else ''}ppl {_number(summary['val_ppl'], '.2f')} "
         f"(uniform baseline {summary['uniform_ppl']:.0f})",
         *([f"W8A8 val ppl {summary['w8a8_val_ppl']:.2f} | avg kurtosis {summary['avg_kurtosis']:.2f} | max "
            f"kurtosis {summary['max_kurtosis']:.2f} | max inf norm {summary['max_inf_norm']:.2f} (outlier eval "
@@ -278,14 +311,18 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    world = world_from_env()
     try:
+        world = world_from_env()
         cfg = load_config(args.config, args.overrides)
         prep = prepare(cfg, world, args.resume)
+        train(prep)
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    train(prep)
+    except RunFailure as failure:  # summary.json is written; every checkpoint on disk is intact
+        if world.is_main or not failure.agreed:
+            print(f"error: {failure}; {last_checkpoint_note(cfg.run_path / 'checkpoints')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,13 +51,19 @@ def free_port() -> int:
 
 
 def run_pretrain(overrides: list[str], *, resume: str = "none", ranks: int = 1,
-                 config: str = "configs/opt_tiny.yaml", timeout: int = 300) -> subprocess.CompletedProcess[str]:
+                 config: str = "configs/opt_tiny.yaml", timeout: int = 300,
+                 fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m launcher.pretrain` (or `deepspeed` for ranks > 1); `fault`: (kind, step) for
+    tests/fault_injection.py, one process only."""
     args = ["--config", config, "--resume", resume] + [x for o in overrides for x in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO)
     if ranks > 1:  # N ranks on a 2-core machine: one thread each, or they thrash
         env["OMP_NUM_THREADS"] = "1"
-    if ranks == 1:
+    if fault is not None:
+        assert ranks == 1
+        cmd = [sys.executable, str(REPO / "tests" / "fault_injection.py"), fault[0], str(fault[1]), "--", *args]
+    elif ranks == 1:
         cmd = [sys.executable, "-m", "launcher.pretrain", *args]
     else:
         launcher = shutil.which("deepspeed", path=str(VENV_BIN)) or "deepspeed"
