@@ -37,11 +37,20 @@ def grads_for_norm(params: list[torch.nn.Parameter], mpu: Any) -> list[torch.Ten
             and (tp_rank == 0 or is_model_parallel_parameter(p))]
 
 
+def _tensor_norm(grad: torch.Tensor) -> torch.Tensor:
+    # torch's fp32 norm on CPU accumulates almost sequentially: on a 2M-element embedding gradient it is off
+    # by ~2e-4 relative, which would make layouts that shard that tensor disagree. CUDA reduces in a tree
+    # (accurate in fp32); on CPU accumulate in fp64.
+    return torch.linalg.vector_norm(grad, dtype=torch.float32 if grad.is_cuda else torch.float64)
+
+
 def global_grad_norm(params: list[torch.nn.Parameter], mpu: Any) -> float:
     """The single-process L2 norm of all gradients (a collective over the model-parallel group); inf if
     any gradient is non-finite."""
-    grads = grads_for_norm(params, mpu) or [torch.zeros(1)]  # every rank joins the all-reduce
-    norm = float(get_global_norm_of_tensors(grads, mpu=mpu))
+    # DeepSpeed's reduction over per-tensor norms: the norm of a scalar is itself, so this is its norm of
+    # norms summed over the model-parallel group.
+    norms = [_tensor_norm(g) for g in grads_for_norm(params, mpu)] or [torch.zeros(())]  # every rank joins
+    norm = float(get_global_norm_of_tensors(norms, mpu=mpu))
     return norm if norm >= 0 and math.isfinite(norm) else float("inf")  # DeepSpeed marks non-finite as -1
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from conftest import REPO, free_port
 from parallel_worker import CLIP, STEPS
@@ -81,6 +82,42 @@ def test_tensor_parallel_dropout_keeps_replicated_weights_identical(tmp_path: Pa
         assert got["replicated_divergence"] == 0.0, run
         if run.startswith("opt/"):
             assert got["loss"][-1] < got["loss"][0] - 0.3, run
+
+
+class _TensorRank:
+    """The one mpu method grads_for_norm reads (DeepSpeed's bwc_tensor_model_parallel_rank)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.rank
+
+
+def test_grads_for_norm_counts_every_gradient_element_once() -> None:
+    from parallel.grad_clip import grads_for_norm
+
+    split, replicated, tied_copy = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    split.tensor_model_parallel = True  # megatron-core's attribute: a TP shard, counted on every TP rank
+    tied_copy.ds_pipe_replicated = True  # DeepSpeed's mark on the last stage's copy of a tied weight
+    for param in (split, replicated, tied_copy):
+        param.grad = torch.ones(2)
+    params = [split, replicated, tied_copy]
+    assert grads_for_norm(params, _TensorRank(0)) == [split.grad, replicated.grad]
+    assert grads_for_norm(params, _TensorRank(1)) == [split.grad]  # replicated: TP rank 0 only
+
+
+def test_global_grad_norm_is_exact_on_large_cpu_gradients() -> None:
+    """torch's fp32 CPU norm is ~2e-4 off on a 2M-element gradient; the global norm must not be."""
+    from parallel.grad_clip import global_grad_norm
+
+    grad = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0)) * 1e-3
+    grad[:100] += 0.5
+    param = torch.nn.Parameter(torch.zeros_like(grad))
+    param.grad = grad
+    assert global_grad_norm([param], mpu=None) == pytest.approx(float(grad.double().norm()), rel=1e-6)
+    param.grad[7] = float("nan")
+    assert global_grad_norm([param], mpu=None) == float("inf")
 
 
 def _validate(**overrides: int) -> None:
