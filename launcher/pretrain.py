@@ -22,13 +22,14 @@ import torch
 from data_pipeline import Tokenizer, batch_iterator, eval_examples, load_or_train_tokenizer, train_examples
 from data_pipeline.mlm import MLMStream
 from data_pipeline.packing import BlockStream
-from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, resolve_checkpoint, save_checkpoint, step_tag
-from launcher.config import RunConfig, load_config, save_config
+from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
+from launcher.config import RunConfig, config_text, load_config, save_config
 from launcher.distributed import WorldInfo, init_process_group, world_from_env
 from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
 from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, skip_nonfinite_updates, weights_finite
+from launcher.resume import resume_point
 from launcher.schedule import build_scheduler
 from launcher.signals import GracefulStop
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
@@ -77,16 +78,9 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     # megatron-core / DeepSpeed rank order: tensor innermost, then data, pipeline outermost.
     dp_rank = (world.rank // layout.tensor) % layout.data
     check_outlier_config(cfg)
-    checkpoint_dir = cfg.run_path / "checkpoints"
-    if resume == "auto":
-        resume_from = resolve_checkpoint(checkpoint_dir, world.world_size) if read_latest(checkpoint_dir) else None
-    elif resume == "none":
-        if read_latest(checkpoint_dir):
-            raise ProjectError(f"run directory {cfg.run_path} already has checkpoints; pass --resume auto to "
-                               f"continue it or set logging.run_name to start a new run")
-        resume_from = None
-    else:
-        resume_from = resolve_checkpoint(Path(resume), world.world_size)
+    resume_from, note = resume_point(cfg.run_path, resume, world.world_size)
+    if note and world.is_main:  # e.g. the newest checkpoint is damaged and an older one is used
+        print(f"note: {note}", file=sys.stderr, flush=True)
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
     tokenizer = load_or_train_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -186,7 +180,8 @@ def train(prep: Prepared) -> dict[str, Any]:
             raise NonFiniteStop(at_step, "weights", "found before writing the checkpoint")
         save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
                         {"data": prep.train_stream.state_dict(), "tp_rng": TRACKER.state_dict(),
-                         "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints)
+                         "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints,
+                        files={"config.yaml": config_text(cfg)})  # what wrote it: resuming compares against it
 
     batch_iter = batch_iterator(prep.train_stream, cfg.train.micro_batch_size)
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),

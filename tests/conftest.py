@@ -81,3 +81,12 @@ def train_losses(run_path: Path) -> dict[int, float]:
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """wiki_sample parquet + a 512-piece tokenizer, built once for every training test."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 6-step tiny run (checkpoints step_3 and step_6). Tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run_pretrain(tiny_overrides(data_cache, run_dir, **{"logging.run_name": "base"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir / "base"
