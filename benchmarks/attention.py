@@ -38,11 +38,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from launcher.memory_probe import LiveTensorMemory
 from model import kernels
 from model.attention import resolve_backend, scaled_dot_product
 
@@ -75,29 +73,6 @@ def methods(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
         table["softmax1 (triton)"] = lambda q, k, v: scaled_dot_product(q, k, v, variant="softmax1", backend="triton")
     table["softmax1 (eager)"] = lambda q, k, v: scaled_dot_product(q, k, v, variant="softmax1", backend="eager")
     return table
-
-
-class LiveTensorMemory(TorchDispatchMode):
-    """Peak total bytes of tensor storages alive across ops, counting storages first seen as op outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                storage = tensor.untyped_storage()
-                ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live:
-                    self.live[ref.cdata] = (ref, storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def _inputs(batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int):

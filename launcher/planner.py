@@ -1,0 +1,391 @@
+"""Memory and time plan of a run before launch: per-rank parameters, gradients, optimizer states and activations
+for a layout (TP, PP, DP, ZeRO stage, precision, micro batch, activation checkpointing), FLOPs per step and
+the expected step time at an assumed MFU, and the layouts that fit a number of GPUs.
+
+Formulas (docs/planner.md states them with their sources):
+  - parameters per rank: counted from the model shape the way model/opt.py, model/bert.py and the megatron-core
+    layers split them (column/row/vocab-parallel weights / TP, LayerNorms, row biases, positions replicated);
+    the busiest pipeline stage holds ceil(L / PP) layers plus the embeddings (and the tied head copy);
+  - model states: ZeRO-2/3 in 16-bit come from DeepSpeed's own estimators; the rest by hand (see model_states);
+  - activations: the tensors autograd keeps for backward, counted per layer from the code (validated against
+    measured CPU peak memory in tests/test_planner.py), times the micro-batches a 1F1B stage holds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from launcher.throughput import flops_per_token
+from model.config import ModelConfig
+
+GIB = 2**30
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MASTER_BYTES = 4  # fp32 master weights (mixed precision, and the ZeRO optimizers' fp32 partition)
+FP32_GRAD_BYTES = 4  # fp32 gradients the mixed-precision / ZeRO optimizers step on
+# Tensor-parallel degrees the suggestions try (megatron's advice: within a node).
+TP_CHOICES = (1, 2, 4, 8)
+SDPA_VARIANTS = ("softmax", "softmax1")
+TRITON_VARIANTS = ("softmax1", "learnable_sink")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gib: float
+    peak_tflops: float | None  # dense bf16 (GPU) peak; None where unknown (CPU)
+    kind: str = "cuda"  # "cuda" or "cpu": decides the attention backend and dropout-mask bytes
+
+
+# Datasheet memory and dense bf16 peak.
+GPUS = {
+    "H100": Device("H100-80GB", 80.0, 989.0), "H200": Device("H200-141GB", 141.0, 989.0),
+    "A100-80GB": Device("A100-80GB", 80.0, 312.0), "A100-40GB": Device("A100-40GB", 40.0, 312.0),
+    "L40S": Device("L40S-48GB", 48.0, 362.0), "A10G": Device("A10G-24GB", 24.0, 125.0),
+    "V100": Device("V100-32GB", 32.0, 125.0),
+}
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    zero_stage: int = 0
+    micro_batch_size: int = 1
+    activation_checkpointing: bool = False
+
+    def describe(self) -> str:
+        ac = ", recompute" if self.activation_checkpointing and self.pipeline > 1 else ""
+        return (f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, ZeRO-{self.zero_stage}, "
+                f"micro-batch {self.micro_batch_size}{ac}")
+
+
+@dataclass
+class Plan:
+    layout: LayoutChoice
+    device: Device
+    precision: str  # "bf16", "fp16" or "fp32"
+    params: int  # parameters held by the busiest rank (before ZeRO partitioning)
+    total_params: int
+    bytes: dict[str, float] = field(default_factory=dict)  # parameters, gradients, optimizer, activations
+    stage: int = 0  # the busiest pipeline stage
+    in_flight: int = 1  # micro-batches whose activations that stage holds at once
+    flops_per_step: float = 0.0
+    step_time_s: float | None = None
+    mfu: float = 0.4
+
+    @property
+    def total(self) -> float:
+        return sum(self.bytes.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device.memory_gib * GIB
+
+    def one_line(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.bytes.items())
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (f"plan: {self.total / GIB:.2f} GiB per rank of {self.device.memory_gib:.0f} GiB ({self.device.name}; "
+                f"{parts} GiB) for {self.layout.describe()}, {self.precision}: {verdict}")
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+def layer_params(m: ModelConfig, tp: int = 1) -> int:
+    """Parameters of one transformer layer on one tensor-parallel rank (OPT and BERT blocks have the same
+    weights: q/k/v column-parallel with bias, out row-parallel (bias replicated), two LayerNorms, an FFN)."""
+    h, f, heads = m.hidden_size, m.ffn_hidden_size, m.num_heads
+    attention = 3 * (h * h + h) // tp + h * h // tp + h
+    ffn = (h * f + f) // tp + f * h // tp + h
+    norms = 2 * 2 * h
+    local_heads, head_dim = heads // tp, h // heads
+    extra = local_heads if m.attention.variant == "learnable_sink" else 0
+    if m.attention.gated:
+        if m.attention.gate_type == "mlp":
+            g = m.attention.gate_hidden
+            extra += local_heads * (head_dim * g + g + g + 1)
+        else:
+            extra += local_heads * (head_dim + 1)
+    return attention + ffn + norms + extra
+
+
+def embedding_params(m: ModelConfig, tp: int = 1) -> tuple[int, int]:
+    """(first-stage, last-stage) parameters outside the layers on one TP rank. The word embedding is
+    vocab-parallel; positions, token types and LayerNorms are replicated. The tied head is the word embedding
+    (one copy in one process; DeepSpeed keeps a copy on the first and the last pipeline stage)."""
+    h, vocab = m.hidden_size, m.padded_vocab_size
+    words = vocab * h // tp
+    if m.family == "bert":
+        first = words + m.max_position_embeddings * h + m.type_vocab_size * h + 2 * h
+        last = h * h + h + 2 * h + vocab // tp  # MLM transform (replicated), its LayerNorm, the output bias
+        return first, last + words
+    first = words + (m.max_position_embeddings + 2) * h  # OPT's position offset of 2
+    last = 2 * h + words  # final LayerNorm, head (tied: the embedding's copy; untied: its own matrix)
+    return first, last
+
+
+def total_params(m: ModelConfig) -> int:
+    """The single-process model's parameter count (tied weights once), equal to model.num_parameters()."""
+    first, last = embedding_params(m)
+    tied = m.padded_vocab_size * m.hidden_size if m.tie_word_embeddings else 0
+    return m.num_layers * layer_params(m) + first + last - tied
+
+
+def stage_layers(num_layers: int, pipeline: int) -> list[int]:
+    """Layers per pipeline stage, as DeepSpeed's balanced partition of equal-weight layers gives them."""
+    base, extra = divmod(num_layers, pipeline)
+    return [base + (1 if i < extra else 0) for i in range(pipeline)]
+
+
+def stage_params(m: ModelConfig, tp: int, pipeline: int, stage: int) -> int:
+    first, last = embedding_params(m, tp)
+    layers = stage_layers(m.num_layers, pipeline)[stage] * layer_params(m, tp)
+    if pipeline == 1:
+        tied = m.padded_vocab_size * m.hidden_size // tp if m.tie_word_embeddings else 0
+        return layers + first + last - tied
+    return layers + (first if stage == 0 else 0) + (last if stage == pipeline - 1 else 0)
+
+
+# ------------------------------------------------------------------------------------------ model states
+
+def model_states(params: int, largest_layer: int, dp: int, zero_stage: int, precision: str) -> dict[str, float]:
+    """Bytes of parameters, gradients and optimizer states (AdamW) on one rank holding `params` parameters
+    (its TP/PP shard) whose ZeRO group has `dp` ranks.
+
+    ZeRO-2/3 with 16-bit weights: DeepSpeed's estimate_zero2/3_model_states_mem_needs give the total (2P + 18P/N;
+    4L + 18P/N with L the largest layer), split here into 16-bit weights, the optimizer's fp32 master copy and
+    Adam moments (12P/N), and gradients (the remainder: 16-bit + fp32 gradient partitions). By hand, because
+    DeepSpeed has no estimator for them: ZeRO-0/1 and fp32 training. There the optimizer keeps 8 bytes of Adam
+    moments per parameter, plus a 4-byte fp32 master copy when weights are 16-bit, and the ZeRO-1/2/3
+    optimizers always keep an fp32 copy of their partition (DeepSpeed clones it even from fp32 weights)."""
+    b = 4 if precision == "fp32" else 2
+    mixed = b != 4
+    if zero_stage in (2, 3) and mixed:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        if zero_stage == 2:
+            _, total = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, cpu_offload=False)
+            weights = 2 * params
+        else:
+            _, total, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=dp,
+                                                                cpu_offload=False, cpu_offload_params=False)
+            weights = 2 * params / dp + 2 * largest_layer
+        optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * params / dp
+        return {"parameters": weights, "gradients": total - weights - optimizer, "optimizer": optimizer}
+    if zero_stage == 0:
+        grads = b * params + (FP32_GRAD_BYTES * params if mixed else 0)  # 16-bit grads + the fp32 accumulators
+        optimizer = ((MASTER_BYTES if mixed else 0) + ADAM_STATE_BYTES) * params
+        return {"parameters": float(b * params), "gradients": float(grads), "optimizer": float(optimizer)}
+    optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * params / dp
+    fp32_part = FP32_GRAD_BYTES * params / dp if mixed else 0.0  # fp32 weights: the partition's grads are shared
+    if zero_stage == 1:
+        return {"parameters": float(b * params), "gradients": b * params + fp32_part, "optimizer": optimizer}
+    if zero_stage == 2:
+        return {"parameters": float(b * params), "gradients": b * params / dp + fp32_part, "optimizer": optimizer}
+    weights = b * params / dp + b * largest_layer  # ZeRO-3: the partition + the largest layer gathered
+    return {"parameters": weights, "gradients": b * params / dp + b * largest_layer, "optimizer": optimizer}
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+def materializes_scores(m: ModelConfig, device_kind: str) -> bool:
+    """True when the attention backend keeps [heads, T, T] tensors (eager): model/attention.py's `auto` picks
+    the fused Triton kernel on CUDA for softmax1/learnable_sink, SDPA for softmax/softmax1, else eager."""
+    backend, variant = m.attention.backend, m.attention.variant
+    if backend == "auto":
+        return not (variant in SDPA_VARIANTS or (device_kind == "cuda" and variant in TRITON_VARIANTS))
+    return backend == "eager"
+
+
+def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: int,
+                              device_kind: str) -> tuple[float, float]:
+    """(activation elements, dropout-mask elements) one layer keeps for backward for one micro-batch.
+
+    x = seq * micro_batch tokens, h hidden, f FFN, a heads, t TP:
+      OPT (pre-LN):  4xh (LN1 in/out, LN2 in/out, replicated) + 5xh/t (q, k, v, attention output, the
+                     contiguous context for out_proj) + xf/t (ReLU output, fc2's input)
+      BERT (post-LN): 4xh (layer input, attention LN in/out, output LN in) + 5xh/t + 2xf/t (GELU in and out)
+      + xh/t when gated (the ungated context the gate multiplies), + 3 a T^2 b / t when the backend materialises
+      the scores (logits, masked logits, probabilities), dropout masks 2xh per layer (+ a T^2 b / t eager
+      attention dropout)."""
+    x, h, f, heads = seq * micro_batch, m.hidden_size, m.ffn_hidden_size, m.num_heads
+    ffn_terms = 2 if m.family == "bert" else 1
+    elements = 4 * x * h + 5 * x * h / tp + ffn_terms * x * f / tp
+    if m.attention.gated:
+        elements += x * h / tp
+    eager = materializes_scores(m, device_kind)
+    if eager:
+        elements += 3 * heads * seq * seq * micro_batch / tp
+    masks = 2 * x * h if m.dropout > 0 else 0.0
+    if m.attention_dropout > 0 and eager:
+        masks += heads * seq * seq * micro_batch / tp
+    return elements, masks
+
+
+def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, act_bytes: int,
+                          mlm_probability: float) -> tuple[float, float]:
+    """(kept, backward peak extra) bytes of the output end for one micro-batch on the last stage.
+
+    The loss keeps fp32 log-probabilities [tokens, V/t] (losses are computed in fp32 whatever the weights);
+    backward briefly holds their gradient and the logits' gradient (fp32, + a 16-bit cast): 2-2.5x that.
+    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
+    (gathered hidden, dense out, GELU out, LN out: 4nh)."""
+    x, h, vocab = seq * micro_batch, m.hidden_size, m.padded_vocab_size / tp
+    if m.family == "bert":
+        n = math.ceil(mlm_probability * x)
+        kept_other, predicted = 4 * n * h * act_bytes, n
+    else:
+        kept_other, predicted = 3 * x * h * act_bytes, x
+    logprobs = 4 * predicted * vocab
+    backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
+    return kept_other + logprobs, backward
+
+
+def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pipeline: int, stage: int,
+                     in_flight: int, checkpointing: bool, act_bytes: int, device_kind: str,
+                     mlm_probability: float = 0.15) -> float:
+    """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B)."""
+    layers = stage_layers(m.num_layers, pipeline)[stage]
+    elements, masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind)
+    mask_bytes = 1 if device_kind == "cuda" else act_bytes  # bool masks on CUDA, float noise on CPU
+    per_layer = elements * act_bytes + masks * mask_bytes
+    if checkpointing and pipeline > 1:  # each layer keeps its input; one layer is recomputed at a time
+        kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + per_layer
+    else:
+        kept = layers * in_flight * per_layer
+    if stage == 0 and m.family == "bert":  # embedding LayerNorm input (+ dropout mask)
+        kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
+    if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
+        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)
+        kept += head + backward
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def resolve_precision(precision: str, device_kind: str) -> str:
+    """launcher.pretrain's rule: `auto` is bf16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device_kind == "cuda" else "fp32"
+    return precision
+
+
+def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4) -> Plan:
+    """The plan of `cfg` (a RunConfig) in `layout` on `device`: the busiest rank's bytes and the step time."""
+    m, seq = cfg.model, cfg.data.seq_length
+    precision = resolve_precision(cfg.train.precision, device.kind)
+    act_bytes = 4 if precision == "fp32" else 2
+    accumulation = max(1, cfg.train.global_batch_size // (layout.micro_batch_size * layout.data))
+    best: Plan | None = None
+    for stage in range(layout.pipeline):
+        params = stage_params(m, layout.tensor, layout.pipeline, stage)
+        first, _ = embedding_params(m, layout.tensor)
+        largest = max(layer_params(m, layout.tensor), first)
+        states = model_states(params, largest, layout.data, layout.zero_stage, precision)
+        in_flight = min(layout.pipeline - stage, accumulation)
+        acts = activation_bytes(m, micro_batch=layout.micro_batch_size, seq=seq, tp=layout.tensor,
+                                pipeline=layout.pipeline, stage=stage, in_flight=in_flight,
+                                checkpointing=layout.activation_checkpointing, act_bytes=act_bytes,
+                                device_kind=device.kind, mlm_probability=cfg.data.mlm_probability)
+        plan = Plan(layout, device, precision, params, total_params(m), {**states, "activations": acts},
+                    stage=stage, in_flight=in_flight, mfu=mfu)
+        if best is None or plan.total > best.total:
+            best = plan
+    assert best is not None
+    world = layout.tensor * layout.pipeline * layout.data
+    best.flops_per_step = flops_per_token(m, seq, cfg.data.mlm_probability) * cfg.train.global_batch_size * seq
+    if device.peak_tflops:
+        # MFU counts model FLOPs; a pipeline idles (p - 1) of (accumulation + p - 1) slots (the 1F1B bubble).
+        bubble = 1 + (layout.pipeline - 1) / accumulation
+        best.step_time_s = best.flops_per_step / (world * device.peak_tflops * 1e12 * mfu) * bubble
+    return best
+
+
+def layout_of(cfg: Any, world_size: int) -> LayoutChoice:
+    """The configured layout for `world_size` ranks."""
+    p = cfg.parallel
+    return LayoutChoice(p.tensor, p.pipeline, max(1, world_size // (p.tensor * p.pipeline)), p.zero_stage,
+                        cfg.train.micro_batch_size, p.activation_checkpointing)
+
+
+def candidate_layouts(cfg: Any, gpus: int) -> list[LayoutChoice]:
+    """Layouts the project can run on `gpus` ranks: TP dividing heads/FFN/vocab (<= 8), PP <= layers, ZeRO 0-3
+    (0-1 with pipelines), the configured micro-batch or smaller halvings that still divide the global batch,
+    activation checkpointing (pipelines only)."""
+    m, global_batch = cfg.model, cfg.train.global_batch_size
+    out: list[LayoutChoice] = []
+    for tp in TP_CHOICES:
+        if gpus % tp or m.num_heads % tp or m.ffn_hidden_size % tp or m.hidden_size % tp \
+                or m.padded_vocab_size % tp:
+            continue
+        for pp in range(1, gpus // tp + 1):
+            if (gpus // tp) % pp or pp > m.num_layers:
+                continue
+            dp = gpus // (tp * pp)
+            micro = cfg.train.micro_batch_size
+            micros = []
+            while micro >= 1:
+                if global_batch % (micro * dp) == 0:
+                    micros.append(micro)
+                micro //= 2
+            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                for ac in ((False, True) if pp > 1 else (False,)):
+                    out += [LayoutChoice(tp, pp, dp, zero, mb, ac) for mb in micros]
+    return out
+
+
+def suggest(cfg: Any, gpus: int, device: Device, mfu: float = 0.4, limit: int = 8) -> list[Plan]:
+    """Layouts that fit, fastest first (pipeline bubble, recomputation), then least model parallelism, largest
+    micro-batch, lowest ZeRO stage (least communication); one entry per (TP, PP, ZeRO, checkpointing)."""
+    plans = [plan_layout(cfg, layout, device, mfu) for layout in candidate_layouts(cfg, gpus)]
+    fitting = [p for p in plans if p.fits]
+
+    def key(p: Plan) -> tuple[Any, ...]:
+        lay = p.layout
+        time = round(p.step_time_s, 6) if p.step_time_s is not None else 0.0
+        return (time * (4 / 3 if lay.activation_checkpointing else 1.0), lay.tensor * lay.pipeline,
+                -lay.micro_batch_size, lay.zero_stage)
+
+    seen: set[tuple[int, int, int, bool]] = set()
+    chosen: list[Plan] = []
+    for plan in sorted(fitting, key=key):
+        lay = plan.layout
+        ident = (lay.tensor, lay.pipeline, lay.zero_stage, lay.activation_checkpointing)
+        if ident not in seen:
+            seen.add(ident)
+            chosen.append(plan)
+    return chosen[:limit]
+
+
+def device_named(name: str | None, memory_gib: float | None = None, peak_tflops: float | None = None) -> Device:
+    """A GPU from GPUS (by any prefix of its key, case-insensitive) with optional overrides, or `cpu`."""
+    if name is not None and name.lower() == "cpu":  # host memory; no peak (MFU is not defined there)
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        base = Device("cpu", host, None, kind="cpu")
+    else:
+        key = (name or "H100").upper()
+        matches = [k for k in GPUS if k.upper() == key] or [k for k in GPUS if k.upper().startswith(key)]
+        if not matches:
+            raise KeyError(name)
+        base = GPUS[matches[0]]
+    return replace(base, memory_gib=memory_gib if memory_gib is not None else base.memory_gib,
+                   peak_tflops=peak_tflops if peak_tflops is not None else base.peak_tflops)
+
+
+def run_plan_line(cfg: Any, world_size: int, device_type: str) -> str:
+    """The one-line plan of a run as launched (launcher.pretrain prints it at start): the configured layout on
+    `world_size` ranks, against this machine's accelerator (its total memory) or host memory."""
+    if device_type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        known = next((d for key, d in GPUS.items() if key.split("-")[0] in name), None)
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+        device = Device(name, memory, cfg.logging.peak_tflops or (known.peak_tflops if known else None))
+    else:
+        device = device_named("cpu")
+    return plan_layout(cfg, layout_of(cfg, world_size), device).one_line()
