@@ -9,10 +9,13 @@ Methods (causal self-attention on [batch, heads, seq, head_dim]):
                             by its log-sum-exp (model/kernels/sdpa_sink.py)
   softmax1 (sdpa zero key)  SDPA with one extra all-zero key/value and a lower-right causal mask
   softmax1 (triton)         the fused Triton kernel (CUDA only; CPU would need the interpreter)
+  learnable_sink (triton)   the same kernel with a learnable per-head sink logit (CUDA only)
   softmax1 (eager)          the reference code's approach: materialised [T, T] logits and probabilities
 
 Timing: every repetition runs each method once in turn (interleaved, so machine noise hits all of them
-alike) after one warm-up each; the table gives medians and each median's ratio to vanilla SDPA's.
+alike) after one warm-up each; the table gives medians and each median's ratio to vanilla SDPA's. The JSON
+rows also give TFLOP/s: FlashAttention's benchmark convention, forward 4 * B * H * T^2 * d (QK^T and PV,
+halved when causal) and backward 2.5x the forward, so one fwd+bwd counts 3.5x the forward.
 Peak memory, measured in a separate untimed pass: on CUDA torch.cuda.max_memory_allocated; on CPU (no
 allocator statistics) the peak total size of live tensor storages across the ops of one forward+backward,
 tracked with a TorchDispatchMode and storage weak references (inputs excluded; scratch buffers internal to
@@ -63,6 +66,22 @@ def _zero_key_softmax1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+_SINKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _sink_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    key = (q.shape[1], q.device)
+    if key not in _SINKS:  # one learnable logit per head, at its initial value 0 (its gradient is computed)
+        _SINKS[key] = torch.zeros(q.shape[1], device=q.device, requires_grad=True)
+    return scaled_dot_product(q, k, v, variant="learnable_sink", backend="triton", sink_logit=_SINKS[key])
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool = True) -> float:
+    """FLOPs of one forward+backward (FlashAttention's benchmark convention, see the module docstring)."""
+    forward = 4.0 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
+    return 3.5 * forward
+
+
 def methods(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     table: dict[str, Callable[..., torch.Tensor]] = {
         BASELINE: lambda q, k, v: scaled_dot_product(q, k, v, variant="softmax", backend="sdpa"),
@@ -71,6 +90,7 @@ def methods(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     }
     if device.type == "cuda" and kernels.runnable_on("cuda"):
         table["softmax1 (triton)"] = lambda q, k, v: scaled_dot_product(q, k, v, variant="softmax1", backend="triton")
+        table["learnable_sink (triton)"] = _sink_triton
     table["softmax1 (eager)"] = lambda q, k, v: scaled_dot_product(q, k, v, variant="softmax1", backend="eager")
     return table
 
@@ -152,11 +172,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 times[name].append(time_once(fn, qkv, upstream, device))
         memory = {name: peak_memory(fn, qkv, upstream, device) for name, fn in active.items()} if args.memory else {}
         base = statistics.median(times[BASELINE])
+        flops = attention_flops(args.batch, args.heads, seq, args.head_dim)
         for name in table:
             row: dict[str, Any] = {"seq": seq, "method": name}
             if name in active:
                 med = statistics.median(times[name])
-                row.update(time_ms=med * 1e3, times_ms=[t * 1e3 for t in times[name]], ratio=med / base)
+                row.update(time_ms=med * 1e3, times_ms=[t * 1e3 for t in times[name]], ratio=med / base,
+                           tflops=flops / med / 1e12)
                 if name in memory:
                     row["peak_mib"] = memory[name] / 2**20
             else:
@@ -216,7 +238,8 @@ def _machine_line(info: dict[str, Any]) -> str:
     return f"{info['gpu']}; " + text if "gpu" in info else text
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on the machine resolved (also used by gpu_check)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--batch", type=int, default=1)
@@ -235,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--progress", action="store_true", help="report each finished length on stderr")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.dtype is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.dtype = "bf16" if cuda else "fp32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

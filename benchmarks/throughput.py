@@ -8,7 +8,9 @@ the same token batch and their own AdamW; one training step = zero_grad + forwar
 next-token loss) + backward + optimizer step. Steps are interleaved (ours, theirs, ours, ...) after
 `--warmup` steps each, so machine noise hits all models alike; tokens/s = batch * seq / median step time,
 and the ratio is ours / transformers' (sdpa attention). This project's model runs `attention.backend=auto`
-(sdpa on CPU for softmax and softmax1, the Triton kernel for softmax1 on CUDA).
+(sdpa on CPU for softmax and softmax1, the Triton kernel for softmax1 on CUDA). The JSON rows also hold every
+step's loss and, on CUDA, each model's peak memory: its resident parameters, gradients and AdamW state plus
+the most a step allocated beyond what was allocated before it (what the model would peak at on its own).
 
 Model FLOPs per token (nanoGPT / PaLM convention, forward + backward = 3x forward):
     6 * N + 12 * L * d * T
@@ -26,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +54,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, to
                           ffn_hidden_size=args.ffn, max_position_embeddings=args.seq, vocab_size=args.vocab,
                           dropout=args.dropout, attention=AttentionConfig(variant=variant, backend="auto"))
         torch.manual_seed(0)
-        model = OPTForCausalLM(cfg, seq_length=args.seq)
+        with device:  # initialise on the device: a GPU draws 1.3B weights in a blink, a CPU in seconds
+            model = OPTForCausalLM(cfg, seq_length=args.seq)
         if reference_state is None:
             reference_state = model.state_dict()
         else:  # every variant starts from the same weights
@@ -62,7 +66,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, to
                           dropout=args.dropout, attention_dropout=0.0, word_embed_proj_dim=args.hidden,
                           do_layer_norm_before=True, enable_bias=True, activation_function="relu",
                           attn_implementation="sdpa")
-    hf = HFOPTForCausalLM(hf_config)
+    with device:
+        hf = HFOPTForCausalLM(hf_config)
     assert reference_state is not None
     state = {f"model.{key}": value for key, value in reference_state.items()}
     state["lm_head.weight"] = reference_state["decoder.embed_tokens.weight"]
@@ -72,18 +77,62 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, to
     return {name: m.to(device=device, dtype=dtype).train() for name, m in models.items()}
 
 
-def train_step_fn(name: str, model: torch.nn.Module, ids: torch.Tensor, lr: float) -> Callable[[], float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    hf = name.startswith("transformers")
+@dataclass
+class TrainStep:
+    """One training step of one model (call it); returns the loss."""
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss if hf else model(ids, labels=ids)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ids: torch.Tensor
+    hf: bool
+
+    def __call__(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        ids = self.ids
+        loss = self.model(input_ids=ids, labels=ids).loss if self.hf else self.model(ids, labels=ids)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return float(loss.detach())
 
-    return step
+    def resident_bytes(self) -> int:
+        """Parameters, gradients and optimizer state: what stays allocated between steps."""
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def train_step_fn(name: str, model: torch.nn.Module, ids: torch.Tensor, lr: float) -> TrainStep:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    return TrainStep(model, optimizer, ids, hf=name.startswith("transformers"))
+
+
+@dataclass
+class StepRecord:
+    losses: list[float]  # every step's, warm-up included
+    times: list[float]  # the timed steps' seconds
+    step_peak: int = 0  # CUDA: the most one step allocated beyond what was allocated before it
+
+
+def measure_steps(steps: dict[str, Callable[[], float]], warmup: int, timed: int,
+                  device: torch.device) -> dict[str, StepRecord]:
+    """`warmup` untimed then `timed` timed steps of every model, interleaved (noise hits all alike)."""
+    records = {name: StepRecord([], []) for name in steps}
+    cuda = device.type == "cuda"
+    for i in range(warmup + timed):
+        for name, step in steps.items():
+            record = records[name]
+            if cuda:
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            record.losses.append(step())
+            if cuda:
+                torch.cuda.synchronize(device)
+                record.step_peak = max(record.step_peak, torch.cuda.max_memory_allocated(device) - base)
+            if i >= warmup:
+                record.times.append(time.perf_counter() - start)
+    return records
 
 
 def matmul_peak(size: int, reps: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -112,20 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = build_models(args, device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
     steps = {name: train_step_fn(name, model, ids, args.lr) for name, model in models.items()}
-    first_loss = {name: step() for name, step in steps.items()}  # identical weights: identical first losses
-    for _ in range(args.warmup - 1):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.steps):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    records = measure_steps(steps, args.warmup, args.steps, device)
+    times = {name: record.times for name, record in records.items()}
     ours = next(m for m in models.values() if isinstance(m, OPTForCausalLM))
     fpt = flops_per_token(ours, args.seq)
     peak = matmul_peak(args.peak_size, args.peak_reps, DTYPES[args.dtype], device)
@@ -135,12 +172,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name, ts in times.items():
         tps = tokens / statistics.median(ts)
+        losses = records[name].losses  # identical weights: identical first losses
+        peak_mib = (steps[name].resident_bytes() + records[name].step_peak) / 2**20 if device.type == "cuda" else None
         rows.append({"model": name, "step_ms": statistics.median(ts) * 1e3, "steps_ms": [t * 1e3 for t in ts],
                      "tokens_per_s": tps, "ratio_to_transformers": tps / hf_tps,
-                     "model_tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak, "first_loss": first_loss[name]})
+                     "model_tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak, "first_loss": losses[0],
+                     "losses": losses, "peak_mib": peak_mib})
     return {"benchmark": "throughput", "machine": machine(device),
             "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "batch",
-                                                   "dropout", "dtype", "steps", "warmup", "variants")},
+                                                   "dropout", "dtype", "steps", "warmup", "variants", "lr")},
             "attention_backend": {v: resolve_backend("auto", v, device) for v in args.variants},
             "params": ours.num_parameters(), "flops_per_token": fpt,
             "flops_formula": "6 * (params - position embeddings) + 12 * layers * hidden * seq",
@@ -165,7 +205,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with --quick applied (also used by gpu_check)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
@@ -188,12 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny configuration for smoke tests")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 128
         args.seq, args.batch, args.steps, args.warmup, args.peak_size, args.peak_reps = 16, 2, 2, 1, 128, 2
     args.warmup = max(1, args.warmup)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

@@ -140,6 +140,40 @@ def test_half_precision_close_to_fp64_reference(kt, dtype: torch.dtype, atol: fl
     assert (out.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-3
 
 
+MATRIX_DTYPES = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 2e-2), "fp16": (torch.float16, 2e-3)}
+MATRIX = [(dtype, causal, mask, sink) for dtype in MATRIX_DTYPES for causal in (True, False)
+          for mask in (False, True) for sink in (False, True)]
+# Under the interpreter fp32 is covered by the CASES above: there the matrix adds the half precisions.
+GPU_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="fp32 under the interpreter: test_fp32_output_lse_and_gradients")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype_name,causal,mask,sink", [
+    pytest.param(*case, marks=GPU_ONLY if case[0] == "fp32" else (),
+                 id=f"{case[0]}-{'causal' if case[1] else 'full'}-{'mask' if case[2] else 'nomask'}-"
+                    f"{'sink' if case[3] else 'softmax1'}") for case in MATRIX])
+def test_dtype_causal_mask_matrix_within_twice_the_eager_error(kt, dtype_name: str, causal: bool, mask: bool,
+                                                                sink: bool) -> None:
+    """Every dtype x causal x mask x variant with the default tiles: output and gradients against the fp64
+    reference, at most twice the error of the eager code in the same precision plus a floor. On the GPU at a
+    realistic size (ragged T=300, head dim 128 with the sink, 64 without), under the interpreter a small one."""
+    dtype, floor = MATRIX_DTYPES[dtype_name]
+    b, h, t, d = (2, 4, 300, 128 if sink else 64) if DEVICE == "cuda" else (1, 2, 24, 16)
+    q, k, v, sink_logit, attn_mask, upstream = _inputs(b, h, t, t, d, sink=sink, mask=mask, dtype=dtype, seed=11)
+    leaves = [q, k, v] + ([sink_logit] if sink else [])
+    out, _ = kt.attention_with_lse(q, k, v, causal=causal, sink_logit=sink_logit, attn_mask=attn_mask)
+    low = _eager(q, k, v, variant="learnable_sink" if sink else "softmax1", causal=causal, attn_mask=attn_mask,
+                 dropout_p=0.0, scale=d ** -0.5, sink_logit=sink_logit, gamma=0.0, zeta=1.0)
+    ref_out, _, ref_grads = _reference(q, k, v, sink_logit, attn_mask, upstream, causal)
+    kernel = [out, *torch.autograd.grad(out, leaves, upstream)]
+    eager = [low, *torch.autograd.grad(low, leaves, upstream)]
+    for name, got, same_precision, ref in zip(["out", "dq", "dk", "dv", "dsink"], kernel, eager, [ref_out, *ref_grads]):
+        err = (got.detach().cpu().double() - ref).abs().max().item()
+        eager_err = (same_precision.detach().cpu().double() - ref).abs().max().item()
+        assert got.dtype == same_precision.dtype and torch.isfinite(got).all(), name
+        assert err <= 2 * eager_err + floor, f"{name}: max error {err:.3g}, eager in {dtype_name} {eager_err:.3g}"
+
+
 @needs_kernels
 def test_sink_gradient_is_minus_sum_of_sink_probability_times_delta(kt) -> None:
     q, k, v, sink, _, upstream = _inputs(2, 3, 30, 30, 16, sink=True, mask=False, seed=3)
