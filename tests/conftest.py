@@ -14,6 +14,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# DeepSpeed compiles its CPU communication op on first multi-process use (1.5-3 min). Every multi-process
+# test and every job of the local Slurm (sbatch passes the environment on) shares one build cache of the
+# tests' own, kept in the clone's .cache/ (git-ignored): built once per CI run, reused locally. The venv's
+# bin/ goes first on PATH, as in an activated venv: every process builds with the same `ninja` (pip's and
+# the system's write incompatible logs, and alternating between them rebuilds the op every time).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def tiny_overrides(cache_dir: Path, run_dir: Path, **extra: object) -> list[str]:
