@@ -33,7 +33,7 @@ class NonFiniteStop(RunFailure):
                          f"was written ({reason})")
 
 
-def _any_rank(flags: list[bool]) -> list[bool]:
+def any_rank(flags: list[bool]) -> list[bool]:
     """Element-wise OR of `flags` over every rank (a collective when a process group runs)."""
     tensor = torch.tensor([1.0 if f else 0.0 for f in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -55,7 +55,7 @@ def weights_finite(module: torch.nn.Module) -> bool:
     """All ranks agree whether every parameter of every rank's shard is finite (checked before a checkpoint)."""
     # ZeRO-3 keeps each rank's share in `ds_tensor` (the parameter itself is an empty placeholder).
     shards = (getattr(p, "ds_tensor", p) for p in module.parameters())
-    return not _any_rank([not tensors_finite(shards)])[0]
+    return not any_rank([not tensors_finite(shards)])[0]
 
 
 def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
@@ -68,7 +68,7 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
 
     def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        opt.overflow = _any_rank([not tensors_finite(p.grad for p in params)])[0]  # type: ignore[attr-defined]
+        opt.overflow = any_rank([not tensors_finite(p.grad for p in params)])[0]  # type: ignore[attr-defined]
         if opt.overflow:  # type: ignore[attr-defined]
             for param in params:
                 param.grad = None
@@ -90,7 +90,7 @@ class NonFiniteGuard:
         """None for a good step; a description of a skipped one. Raises NonFiniteStop when the run must stop.
 
         A collective: all ranks call it every step and reach the same verdict."""
-        bad_loss, bad_norm, skipped = _any_rank([
+        bad_loss, bad_norm, skipped = any_rank([
             not math.isfinite(loss),
             not self.loss_scaled and grad_norm is not None and not math.isfinite(grad_norm),
             not self.loss_scaled and update_skipped,

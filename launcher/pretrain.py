@@ -8,11 +8,6 @@ batches, evaluates, logs and decides when to checkpoint.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before the heavy imports below: an early SIGUSR1/SIGTERM is recorded, not fatal
-    from launcher.signals import GracefulStop
-
-    GracefulStop.install()
-
 import argparse
 import logging
 import math
@@ -33,11 +28,11 @@ from launcher.distributed import WorldInfo, init_process_group, world_from_env
 from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
-from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, skip_nonfinite_updates, weights_finite
+from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, any_rank, skip_nonfinite_updates, weights_finite
 from launcher.resume import resume_point
+from launcher.runlock import RunDirInUse, RunLock
 from launcher.schedule import build_scheduler
 from launcher.signals import GracefulStop
-from launcher.slurm import slurm_attempt
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from model.errors import ConfigError, ProjectError
@@ -137,7 +132,8 @@ def train(prep: Prepared) -> dict[str, Any]:
     from parallel.engine import build_parallel_model, eval_loss, train_step
 
     cfg, world = prep.cfg, prep.world
-    device = init_process_group(world)
+    device = init_process_group()
+    take_run_lock(cfg.run_path, world)  # before anything in the run directory is written
     torch.manual_seed(cfg.train.seed)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     layout = prep.layout
@@ -196,7 +192,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    stopper = GracefulStop.install()  # main()'s (or the one installed before the imports when run as a program)
+    stopper = GracefulStop()
     flops_token = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mlm_probability)
     peak = peak_tflops(cfg.logging.peak_tflops)
     start_time = time.perf_counter()
@@ -275,7 +271,6 @@ def train(prep: Prepared) -> dict[str, Any]:
         "checkpoint": str(checkpoint_dir / (read_latest(checkpoint_dir) or "")),
         "stopped_by": "nonfinite" if isinstance(failure, NonFiniteStop) else stopper.signal_name if stopping else None,
         "error": str(failure) if failure is not None else None,
-        "attempt": slurm_attempt(),  # which Slurm job attempt wrote this (requeue decisions trust only their own)
         **throughput_metrics(trained_steps * tokens_per_step / wall if wall > 0 else 0.0, flops_token,
                              world.world_size, peak),
         **(outlier_eval.summary() if outlier_eval is not None else {}),
@@ -284,9 +279,23 @@ def train(prep: Prepared) -> dict[str, Any]:
         (run_path / "summary.json").write_text(json_safe.dumps(summary, indent=2) + "\n")
         print_summary(summary, run_path)
     metrics.close()
+    stopper.restore()  # hands a swallowed signal to the previous handler (e.g. submitit's requeue)
+    RunLock.release_all()
     if failure is not None:  # after summary.json: main() prints the one line and exits non-zero
         raise failure
     return summary
+
+
+def take_run_lock(run_path: Path, world: WorldInfo) -> None:
+    """Rank 0 locks the run directory for this run's lifetime; every rank stops when it cannot."""
+    refusal: RunDirInUse | None = None
+    if world.is_main:
+        try:
+            RunLock(run_path).acquire()
+        except RunDirInUse as error:
+            refusal = error
+    if any_rank([refusal is not None])[0]:
+        raise refusal or RunDirInUse(f"run directory {run_path} is in use by another run")
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -313,13 +322,6 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Called as a function (tests, submitit), the stop handler lasts for the call; a signal received meanwhile
-    # goes on to the previous handler afterwards (submitit's requeue). As a program it was installed above.
-    with GracefulStop.installed():
-        return _main(argv)
-
-
-def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
@@ -334,6 +336,8 @@ def _main(argv: list[str] | None) -> int:
         if world.is_main or not failure.agreed:
             print(f"error: {failure}; {last_checkpoint_note(cfg.run_path / 'checkpoints')}", file=sys.stderr)
         return 1
+    finally:
+        RunLock.release_all()  # a run that raised still holds it; the next in-process run must not be refused
     return 0
 
 
