@@ -8,6 +8,11 @@ batches, evaluates, logs and decides when to checkpoint.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: an early SIGUSR1/SIGTERM is recorded, not fatal
+    from launcher.signals import GracefulStop
+
+    GracefulStop.install()
+
 import argparse
 import logging
 import math
@@ -33,6 +38,7 @@ from launcher.resume import resume_point
 from launcher.runlock import RunDirInUse, RunLock
 from launcher.schedule import build_scheduler
 from launcher.signals import GracefulStop
+from launcher.slurm import slurm_attempt
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from model.errors import ConfigError, ProjectError
@@ -132,7 +138,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     from parallel.engine import build_parallel_model, eval_loss, train_step
 
     cfg, world = prep.cfg, prep.world
-    device = init_process_group()
+    device = init_process_group(world)
     take_run_lock(cfg.run_path, world)  # before anything in the run directory is written
     torch.manual_seed(cfg.train.seed)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
@@ -192,7 +198,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    stopper = GracefulStop()
+    stopper = GracefulStop.install()  # main()'s (or the one installed before the imports when run as a program)
     flops_token = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mlm_probability)
     peak = peak_tflops(cfg.logging.peak_tflops)
     start_time = time.perf_counter()
@@ -271,6 +277,7 @@ def train(prep: Prepared) -> dict[str, Any]:
         "checkpoint": str(checkpoint_dir / (read_latest(checkpoint_dir) or "")),
         "stopped_by": "nonfinite" if isinstance(failure, NonFiniteStop) else stopper.signal_name if stopping else None,
         "error": str(failure) if failure is not None else None,
+        "attempt": slurm_attempt(),  # which Slurm job attempt wrote this (requeue decisions trust only their own)
         **throughput_metrics(trained_steps * tokens_per_step / wall if wall > 0 else 0.0, flops_token,
                              world.world_size, peak),
         **(outlier_eval.summary() if outlier_eval is not None else {}),
@@ -279,7 +286,6 @@ def train(prep: Prepared) -> dict[str, Any]:
         (run_path / "summary.json").write_text(json_safe.dumps(summary, indent=2) + "\n")
         print_summary(summary, run_path)
     metrics.close()
-    stopper.restore()  # hands a swallowed signal to the previous handler (e.g. submitit's requeue)
     RunLock.release_all()
     if failure is not None:  # after summary.json: main() prints the one line and exits non-zero
         raise failure
@@ -322,6 +328,13 @@ def print_summary(summary: dict[str, Any], run_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Called as a function (tests, submitit), the stop handler lasts for the call; a signal received meanwhile
+    # goes on to the previous handler afterwards (submitit's requeue). As a program it was installed above.
+    with GracefulStop.installed():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
