@@ -148,6 +148,11 @@ class EvalConfig:
     # Symmetric per-tensor weight range: mse grid search (OPT's recipe), minmax (BERT's), or auto (by model.family).
     w8a8_weight_range: str = "auto"
     w8a8_act_percentile: float | None = 99.999  # clip each calibration batch to (100-p, p) percentiles; null = off
+    # lm-evaluation-harness tasks (launcher/lm_eval.py) run on the checkpoint every lm_eval_interval steps and at
+    # the end, on rank 0; [] = never. lm_eval_limit caps the examples per task (null = all).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_interval: int | None = None
+    lm_eval_limit: int | None = None
 
     def validate(self) -> None:
         if self.interval <= 0:
@@ -164,6 +169,13 @@ class EvalConfig:
                               f"must be one of {', '.join(W8A8_WEIGHT_RANGES)}")
         if self.w8a8_act_percentile is not None and not 50.0 < self.w8a8_act_percentile <= 100.0:
             raise ConfigError("eval.w8a8_act_percentile", self.w8a8_act_percentile, "must lie in (50, 100] or null")
+        for key in ("lm_eval_interval", "lm_eval_limit"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"eval.{key}", getattr(self, key), "must be a positive integer or null")
+        if self.lm_eval_tasks and self.lm_eval_interval is None:
+            raise ConfigError("eval.lm_eval_interval", None, "must be set when eval.lm_eval_tasks is not empty")
+        if any(not name for name in self.lm_eval_tasks):
+            raise ConfigError("eval.lm_eval_tasks", self.lm_eval_tasks, "must be lm-eval task names")
 
 
 @dataclass
@@ -186,6 +198,9 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.parallel, self.train, self.logging, self.eval):
             section.validate()
+        if self.eval.lm_eval_tasks and self.model.family != "opt":
+            raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
+                              f"needs a causal LM (model.family=opt), not {self.model.family}")
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ConfigError("data.seq_length", self.data.seq_length,
                               f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")

@@ -164,6 +164,9 @@ def train(prep: Prepared) -> dict[str, Any]:
     metrics = MetricsLogger(run_path, enabled=world.is_main, tensorboard=cfg.logging.tensorboard)
     outlier_eval = PeriodicOutlierEval.create(cfg, prep.tokenizer, prep.val_blocks, metrics, is_main=world.is_main,
                                               world_size=world.world_size)
+    from launcher.periodic_lm_eval import PeriodicLmEval  # eval.lm_eval_tasks (issue 18)
+
+    lm_evaluation = PeriodicLmEval.create(cfg, metrics, is_main=world.is_main)
 
     step = 0
     if prep.resume_from is not None:
@@ -244,7 +247,9 @@ def train(prep: Prepared) -> dict[str, Any]:
         stopping = stopper.should_stop()  # SIGTERM/SIGUSR1 on any rank: checkpoint this step, then exit
         exiting = stopping or (bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0)
         outliers_due = outlier_eval is not None and outlier_eval.due(step)
-        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting or outliers_due:
+        lm_eval_due = lm_evaluation is not None and lm_evaluation.due(step)
+        if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps or exiting or outliers_due \
+                or lm_eval_due:
             try:
                 checkpoint(step)
             except NonFiniteStop as stop:
@@ -252,6 +257,10 @@ def train(prep: Prepared) -> dict[str, Any]:
                 break
         if outliers_due:  # evaluates the checkpoint just written; outliers.json goes next to it
             line = outlier_eval.run(pm.full_state_dict(), step, checkpoint_dir / step_tag(step), device)
+            if line:
+                progress.write(line)
+        if lm_eval_due:  # the harness on the checkpoint just written; lm_eval.json goes next to it
+            line = lm_evaluation.run(step, checkpoint_dir / step_tag(step), device)
             if line:
                 progress.write(line)
         if exiting and step < cfg.train.steps:
