@@ -34,9 +34,9 @@ from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
 from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, any_rank, skip_nonfinite_updates, weights_finite
-from launcher.resume import resume_point
+from launcher.resume import check_resume_config, resume_point
 from launcher.runlock import RunDirInUse, RunLock
-from launcher.schedule import build_scheduler
+from launcher.schedule import build_scheduler, retarget_scheduler
 from launcher.signals import GracefulStop
 from launcher.slurm import slurm_attempt
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
@@ -73,6 +73,7 @@ class Prepared:
     val_blocks: list[torch.Tensor]
     grad_accumulation: int
     resume_from: tuple[Path, str] | None
+    changed_on_resume: dict[str, tuple[Any, Any]]  # config keys that differ from the checkpoint's: (old, new)
     layout: Layout
     initial_state: dict[str, torch.Tensor] | None  # train.init_from weights, read and checked once
 
@@ -88,6 +89,7 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     resume_from, note = resume_point(cfg.run_path, resume, world.world_size)
     if note and world.is_main:  # e.g. the newest checkpoint is damaged and an older one is used
         print(f"note: {note}", file=sys.stderr, flush=True)
+    changed = check_resume_config(resume_from, cfg.to_dict()) if resume_from is not None else {}
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
     tokenizer = load_or_train_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -99,7 +101,7 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     val_blocks = eval_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
                                max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
-    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, layout,
+    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, changed, layout,
                     initial_state)
 
 
@@ -158,9 +160,18 @@ def train(prep: Prepared) -> dict[str, Any]:
     if not hasattr(engine.optimizer, "overflow"):  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip inf/NaN themselves
         skip_nonfinite_updates(engine.optimizer)
     run_path, checkpoint_dir = cfg.run_path, cfg.run_path / "checkpoints"
+    step = 0
+    if prep.resume_from is not None:  # before anything in the run directory changes
+        state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
+        prep.train_stream.load_state_dict(state["data"])
+        TRACKER.load_state_dict(state["tp_rng"])
+        step = int(state["step"])
+        # This run's LR schedule and optimizer settings, not the checkpoint's (changing them on resume works).
+        retarget_scheduler(engine.lr_scheduler, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                           betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
     if world.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_path / "config.yaml")
+        save_config(cfg, run_path / "config.yaml")  # what runs now, written once the run is known to be valid
     metrics = MetricsLogger(run_path, enabled=world.is_main, tensorboard=cfg.logging.tensorboard)
     outlier_eval = PeriodicOutlierEval.create(cfg, prep.tokenizer, prep.val_blocks, metrics, is_main=world.is_main,
                                               world_size=world.world_size)
@@ -168,13 +179,13 @@ def train(prep: Prepared) -> dict[str, Any]:
 
     lm_evaluation = PeriodicLmEval.create(cfg, metrics, is_main=world.is_main)
 
-    step = 0
     if prep.resume_from is not None:
-        state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
-        prep.train_stream.load_state_dict(state["data"])
-        TRACKER.load_state_dict(state["tp_rng"])
-        step = int(state["step"])
         metrics.log(step, "event", {"resumed_from": str(prep.resume_from[0] / prep.resume_from[1])})
+        if prep.changed_on_resume:
+            metrics.log(step, "event", {"config_changed": {k: list(v) for k, v in prep.changed_on_resume.items()}})
+            if world.is_main:
+                print("resumed with changed settings: " + ", ".join(
+                    f"{key} {old!r} -> {new!r}" for key, (old, new) in prep.changed_on_resume.items()), flush=True)
     elif initial is not None:
         metrics.log(step, "event", {"initialized_from": cfg.train.init_from})
 

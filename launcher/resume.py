@@ -9,6 +9,9 @@ step_40 could point at weights of the other one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from launcher.checkpoint import COMPLETE, find_resumable, has_checkpoints, resolve_checkpoint, step_dirs, step_number
 from model.errors import ProjectError
@@ -37,3 +40,56 @@ def resume_point(run_path: Path, resume: str, world_size: int) -> tuple[ResumePo
         raise ProjectError(f"run directory {run_path} already has checkpoints of its own (newest {own[0].name}); "
                            f"to continue from {load_dir / tag}, start a new run: {branch}")
     return (load_dir, tag), None
+
+
+# Settings a checkpoint fixes: the model's shape, the data stream it is a position in, the layout and batch
+# its files and RNG states were written for. Everything else (LR schedule, steps, intervals, logging,
+# evaluation) may change on resume and takes effect.
+FIXED_SECTIONS = ("model.", "attention.", "data.", "parallel.")
+CHANGEABLE = {"attention.backend", "data.cache_dir", "parallel.activation_checkpointing"}
+FIXED_TRAIN = {"train.micro_batch_size", "train.global_batch_size", "train.precision", "train.seed"}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]],
+                                                                         dict[str, tuple[Any, Any]]]:
+    """(changes a checkpoint cannot take, changes that apply on resume), each key -> (saved, new)."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    changed = {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(set(old_flat) | set(new_flat))
+               if old_flat.get(key) != new_flat.get(key) and key != "train.init_from"}  # ignored on resume
+    fixed = {key: change for key, change in changed.items() if key not in CHANGEABLE
+             and (key.startswith(FIXED_SECTIONS) or key in FIXED_TRAIN)}
+    return fixed, {key: change for key, change in changed.items() if key not in fixed}
+
+
+def saved_config(point: ResumePoint) -> dict[str, Any] | None:
+    """The config that wrote a checkpoint: step_N/config.yaml, else the run's config.yaml (older checkpoints)."""
+    load_dir, tag = point
+    for path in (load_dir / tag / "config.yaml", load_dir.parent / "config.yaml"):
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+def check_resume_config(point: ResumePoint, new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Refuse (one line listing the keys) settings the checkpoint cannot take; return the ones that apply."""
+    saved = saved_config(point)
+    if saved is None:
+        return {}
+    fixed, changeable = config_changes(saved, new)
+    if fixed:
+        listed = ", ".join(f"{key} ({old!r} -> {value!r})" for key, (old, value) in fixed.items())
+        raise ProjectError(f"cannot resume {point[0] / point[1]} with changed {listed}: the checkpoint was written "
+                           f"for the old values; start a new run (logging.run_name) with train.init_from for new "
+                           f"shapes or data")
+    return changeable
