@@ -1,13 +1,32 @@
-"""Where numbers go: TensorBoard scalars, `metrics.jsonl` (one JSON object per record), rank 0 only."""
+"""Where numbers go: TensorBoard scalars, `metrics.jsonl` (one JSON object per record), rank 0 only.
+
+Every record carries `segment`: 0 for a run's first start, one more for each later start (a resume).
+After a kill, steps after the last checkpoint are trained again and logged again; for each kind and step
+the record with the highest segment is the current one.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher import json_safe
+
+
+def last_segment(path: Path) -> int:
+    """The segment of the last record in an existing metrics.jsonl (-1 when there is none)."""
+    if not path.is_file():
+        return -1
+    last = -1
+    for line in path.read_text().splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("segment", 0)))
+        except (ValueError, AttributeError, TypeError):
+            continue  # a line cut short by a kill
+    return last
 
 
 class MetricsLogger:
@@ -18,7 +37,9 @@ class MetricsLogger:
         if not enabled:
             return
         run_path.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_path / "metrics.jsonl", "a", buffering=1)
+        path = run_path / "metrics.jsonl"
+        self.segment = last_segment(path) + 1
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -33,7 +54,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(f"{kind}/{name}", value, step)
         assert self._jsonl is not None
-        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        record = {"kind": kind, "step": step, "segment": self.segment, "time": time.time(), **values}
         self._jsonl.write(json_safe.dumps(record) + "\n")  # a diverged loss is null, never a bare NaN
 
     def close(self) -> None:

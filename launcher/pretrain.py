@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,13 @@ def train(prep: Prepared) -> dict[str, Any]:
     def checkpoint(at_step: int) -> None:
         if not weights_finite(engine.module):  # never reached through the guard; a last line of defence
             raise NonFiniteStop(at_step, "weights", "found before writing the checkpoint")
+        try:
+            write_checkpoint(at_step)
+        except OSError as error:  # a full disk, a folder made read-only or removed under the run
+            raise RunFailure(f"step {at_step}: cannot write checkpoint {error.filename or checkpoint_dir}: "
+                             f"{error.strerror or error}") from error
+
+    def write_checkpoint(at_step: int) -> None:
         save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
                         {"data": prep.train_stream.state_dict(), "tp_rng": TRACKER.state_dict(),
                          "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints,
@@ -324,6 +332,22 @@ def take_run_lock(run_path: Path, world: WorldInfo) -> None:
         raise refusal or RunDirInUse(f"run directory {run_path} is in use by another run")
 
 
+def failure_line(error: Exception, cfg: RunConfig | None) -> str:
+    """One line for an exception nobody turned into a user-facing error; the traceback goes to crash.log."""
+    note = last_checkpoint_note(cfg.run_path / "checkpoints") if cfg is not None else "nothing was written"
+    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        return (f"out of memory with train.micro_batch_size={cfg.train.micro_batch_size} and data.seq_length="
+                f"{cfg.data.seq_length}: lower train.micro_batch_size (gradient accumulation keeps "
+                f"train.global_batch_size={cfg.train.global_batch_size}), or spread the model over more devices "
+                f"(parallel.tensor, parallel.pipeline with parallel.activation_checkpointing, parallel.zero_stage); "
+                f"{note}") if cfg is not None else f"out of memory: {error}"
+    where = ""
+    if cfg is not None and cfg.run_path.is_dir():
+        (cfg.run_path / "crash.log").write_text(traceback.format_exc())
+        where = f" (traceback in {cfg.run_path / 'crash.log'})"
+    return f"training failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}{where}; {note}"
+
+
 def _number(value: float | None, spec: str) -> str:
     """A summary number, or "n/a" where none exists (no step logged yet, or a non-finite value)."""
     return format(value, spec) if value is not None and math.isfinite(value) else "n/a"
@@ -368,6 +392,13 @@ def _main(argv: list[str] | None) -> int:
     except RunFailure as failure:  # summary.json is written; every checkpoint on disk is intact
         if world.is_main or not failure.agreed:
             print(f"error: {failure}; {last_checkpoint_note(cfg.run_path / 'checkpoints')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: say where things stand instead of a traceback
+        where = last_checkpoint_note(cfg.run_path / "checkpoints") if "cfg" in locals() else "nothing was written"
+        print(f"error: interrupted (Ctrl-C); {where}", file=sys.stderr)
+        return 130
+    except Exception as error:  # an out-of-memory or a bug: one line here, the traceback in the run directory
+        print(f"error: {failure_line(error, cfg if 'cfg' in locals() else None)}", file=sys.stderr)
         return 1
     finally:
         RunLock.release_all()  # a run that raised still holds it; the next in-process run must not be refused
