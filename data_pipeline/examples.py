@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline.config import DataConfig
+from data_pipeline.blend import BlendStream
+from data_pipeline.config import DataConfig, blend_parts
 from data_pipeline.mlm import SPECIAL_TOKENS, Masker, MaskingRule, MLMStream
 from data_pipeline.packing import BlockStream, validation_blocks
 from model.errors import ConfigError, ProjectError
@@ -33,22 +34,35 @@ def _block_config(cfg: DataConfig) -> DataConfig:
     return replace(cfg, seq_length=cfg.seq_length - SPECIAL_TOKENS)
 
 
+def _blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int,
+            separator_id: int | None = None) -> BlockStream | BlendStream:
+    """One source's block stream, or the weighted blend of data.sources."""
+    if cfg.sources:
+        return BlendStream(blend_parts(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
+                           separator_id=separator_id)
+    return BlockStream(cfg, tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world, separator_id=separator_id)
+
+
 def train_examples(cfg: DataConfig, objective: str, tokenizer: Any, dp_rank: int = 0, dp_world: int = 1,
-                   vocab_size: int | None = None) -> BlockStream | MLMStream:
+                   vocab_size: int | None = None) -> BlockStream | BlendStream | MLMStream:
     """The endless, resumable training stream of one data-parallel rank."""
     _check(cfg, objective)
     if objective == "causal":
-        return BlockStream(cfg, tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world)
+        return _blocks(cfg, tokenizer, dp_rank, dp_world)
     masker = Masker(tokenizer, MaskingRule.from_config(cfg), vocab_size)
-    blocks = BlockStream(_block_config(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
-                         separator_id=masker.sep_id)
-    return MLMStream(blocks, masker, cfg.seed)
+    blocks = _blocks(_block_config(cfg), tokenizer, dp_rank, dp_world, separator_id=masker.sep_id)
+    return MLMStream(blocks, masker, cfg.seed)  # type: ignore[arg-type]  (a blend has BlockStream's interface)
 
 
 def eval_examples(cfg: DataConfig, objective: str, tokenizer: Any, split: str = "validation", dp_rank: int = 0,
                   dp_world: int = 1, max_blocks: int | None = None, vocab_size: int | None = None) -> list[torch.Tensor]:
     """The fixed evaluation examples of one rank (global example i goes to rank i % dp_world); MLM masks
-    come from data.mlm_eval_seed and the example's global index, so they are the same for every layout."""
+    come from data.mlm_eval_seed and the example's global index, so they are the same for every layout.
+    A blend evaluates on every source's examples together (eval_examples_by_source: each source's share of
+    max_blocks, so the mean loss weighs the sources like training does)."""
+    if cfg.sources:
+        by_source = eval_examples_by_source(cfg, objective, tokenizer, split, dp_rank, dp_world, max_blocks, vocab_size)
+        return [example for examples in by_source.values() for example in examples]
     _check(cfg, objective)
     if objective == "causal":
         return validation_blocks(cfg, tokenizer, split, dp_rank=dp_rank, dp_world=dp_world, max_blocks=max_blocks)
@@ -68,3 +82,17 @@ def calibration_examples(cfg: DataConfig, objective: str, tokenizer: Any, count:
     """The first `count` training examples from the stream's seeded start: the same on every call."""
     stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size)
     return [next(stream) for _ in range(count)]
+
+
+def eval_examples_by_source(cfg: DataConfig, objective: str, tokenizer: Any, split: str = "validation",
+                            dp_rank: int = 0, dp_world: int = 1, max_blocks: int | None = None,
+                            vocab_size: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """A blend's evaluation examples per source name ({} for one source): source i gets
+    max(dp_world, round(max_blocks x weight_i)) blocks (all of its split when max_blocks is None)."""
+    if not cfg.sources:
+        return {}
+    out: dict[str, list[torch.Tensor]] = {}
+    for part in blend_parts(cfg):
+        blocks = None if max_blocks is None else max(dp_world, round(max_blocks * part.weight))
+        out[part.name] = eval_examples(part.cfg, objective, tokenizer, split, dp_rank, dp_world, blocks, vocab_size)
+    return out

@@ -77,6 +77,13 @@ class BlockStream:
         self._blocks_emitted += 1
         return torch.tensor(mine, dtype=torch.long)
 
+    def take(self, keep: bool = True) -> list[int]:
+        """The next block of the whole stream as token ids ([] when not `keep`: cut, not copied). For a global
+        stream (dp_world=1) read by a blend, which decides per block which rank keeps it."""
+        block = self._cut_block(keep)
+        self._blocks_emitted += 1
+        return block
+
     @property
     def last_block_id(self) -> int:
         """A number naming the block `next()` returned last, unique within this stream and, for

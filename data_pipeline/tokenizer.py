@@ -194,18 +194,31 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab
 
 def cached_tokenizer_path(cfg: DataConfig) -> Path:
     """Where load_or_train_tokenizer keeps the model trained for this corpus and vocabulary."""
-    key: dict[str, object] = {"version": _CACHE_VERSION, "source": cfg.source, "vocab_size": cfg.vocab_size,
+    key: dict[str, object] = {"version": _CACHE_VERSION, "vocab_size": cfg.vocab_size,
                               "type": cfg.tokenizer_type, "sample_docs": cfg.tokenizer_sample_docs}
-    if cfg.source == "files":
-        key["files"] = [os.path.abspath(p) for p in expand_files(cfg.train_files)]
-        key["text_field"] = cfg.text_field
-        label = "files"
+    if cfg.sources:  # a blend: every source's corpus and weight
+        from data_pipeline.config import blend_parts
+
+        key["sources"] = [[part.name, part.weight, _corpus_key(part.cfg)] for part in blend_parts(cfg)]
+        source, label = "blend", "-".join(part.name for part in blend_parts(cfg))[:40]
     else:
-        key["language"] = cfg.language
-        label = cfg.language
+        key.update(_corpus_key(cfg))
+        source, label = cfg.source, ("files" if cfg.source == "files" else "hub" if cfg.source == "hub"
+                                     else cfg.language)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{cfg.source}-{label}-{cfg.tokenizer_type}-{cfg.vocab_size}-{digest}.model"
+    name = f"{source}-{label}-{cfg.tokenizer_type}-{cfg.vocab_size}-{digest}.model"
     return Path(cfg.cache_dir) / "tokenizers" / name
+
+
+def _corpus_key(cfg: DataConfig) -> dict[str, object]:
+    """What identifies one source's training corpus (the key of its cached tokenizer)."""
+    if cfg.source == "files":
+        return {"source": "files", "files": [os.path.abspath(p) for p in expand_files(cfg.train_files)],
+                "text_field": cfg.text_field}
+    if cfg.source == "hub":
+        return {"source": "hub", "path": cfg.hub_path, "config": cfg.hub_config, "split": cfg.hub_train_split,
+                "holdout": cfg.hub_holdout, "text_field": cfg.text_field}
+    return {"source": cfg.source, "language": cfg.language}
 
 
 def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
@@ -230,16 +243,25 @@ def train_from_config(cfg: DataConfig, out: str | os.PathLike) -> tuple[Path, in
     Returns (model path, documents used, source name)."""
     from data_pipeline.sources import open_source  # sources import datasets: only needed to train
 
-    # A fixed-seed shuffled sample, so the tokenizer does not depend on the run's seed or shuffle flag.
-    source = open_source(replace(cfg, shuffle=True, seed=0), "train")
+    # A fixed-seed shuffled sample, so the tokenizer does not depend on the run's seed or shuffle flag; a blend
+    # contributes round(tokenizer_sample_docs x weight) documents of each source.
+    if cfg.sources:
+        from data_pipeline.config import blend_parts
+
+        shares = [(part.cfg, max(1, round(cfg.tokenizer_sample_docs * part.weight))) for part in blend_parts(cfg)]
+    else:
+        shares = [(cfg, cfg.tokenizer_sample_docs)]
+    sources = [(open_source(replace(sub, shuffle=True, seed=0), "train"), count) for sub, count in shares]
+    name = " + ".join(source.name for source, _ in sources)
     used = [0]
 
     def sample() -> Iterator[str]:
-        for text in islice(source.documents(epoch=0), cfg.tokenizer_sample_docs):
-            used[0] += 1
-            yield text
+        for source, count in sources:
+            for text in islice(source.documents(epoch=0), count):
+                used[0] += 1
+                yield text
 
     start = time.perf_counter()
     path = train_tokenizer(sample(), out, cfg.vocab_size, cfg.tokenizer_type)
-    log.info("tokenizer for %s trained in %.1f s", source.name, time.perf_counter() - start)
-    return path, used[0], source.name
+    log.info("tokenizer for %s trained in %.1f s", name, time.perf_counter() - start)
+    return path, used[0], name

@@ -63,19 +63,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ project tasks
 
 def validation_documents(cfg: Any, count: int) -> list[str]:
-    """The first `count` non-empty documents of the run's validation split, in file order (cleaned text)."""
+    """The first `count` non-empty documents of the run's validation split, in file order (cleaned text); a blend
+    (data.sources) gives each source round(count x weight) of them."""
     from dataclasses import replace
 
+    from data_pipeline.config import blend_parts
     from data_pipeline.sources import open_source
 
+    shares = [(p.cfg, max(1, round(count * p.weight))) for p in blend_parts(cfg.data)] if cfg.data.sources \
+        else [(cfg.data, count)]
     docs: list[str] = []
-    for text in open_source(replace(cfg.data, shuffle=False), "validation").documents(0):
-        if text.strip():
-            docs.append(text.strip())
-            if len(docs) >= count:
-                break
+    for data, wanted in shares:
+        taken = 0
+        for text in open_source(replace(data, shuffle=False), "validation").documents(0):
+            if text.strip():
+                docs.append(text.strip())
+                taken += 1
+                if taken >= wanted:
+                    break
     if not docs:
-        raise ProjectError(f"no validation documents for the lm-eval tasks in {cfg.data.source}")
+        raise ProjectError("no validation documents for the lm-eval tasks")
     return docs
 
 

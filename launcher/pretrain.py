@@ -179,6 +179,11 @@ def train(prep: Prepared) -> dict[str, Any]:
     from launcher.periodic_lm_eval import PeriodicLmEval  # eval.lm_eval_tasks (issue 18)
 
     lm_evaluation = PeriodicLmEval.create(cfg, metrics, is_main=world.is_main)
+    from data_pipeline.examples import eval_examples_by_source  # a blend's per-source validation (issue 18)
+
+    val_by_source = eval_examples_by_source(cfg.data, pm.family.objective, prep.tokenizer,
+                                            dp_rank=(world.rank // layout.tensor) % layout.data, dp_world=layout.data,
+                                            max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
 
     if prep.resume_from is not None:
         metrics.log(step, "event", {"resumed_from": str(prep.resume_from[0] / prep.resume_from[1])})
@@ -261,6 +266,11 @@ def train(prep: Prepared) -> dict[str, Any]:
         if step % cfg.eval.interval == 0 or step == cfg.train.steps:
             val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
             metrics.log(step, "val", val)
+            for name, blocks in val_by_source.items():  # metrics.jsonl kind "val/<source>", TensorBoard val/<source>/ppl
+                source_val = eval_loss(pm, blocks, cfg.train.micro_batch_size, device)
+                metrics.log(step, f"val/{name}", source_val)
+                if world.is_main:
+                    progress.write(f"step {step}: {name} val ppl {source_val['ppl']:.2f}")
             if world.is_main:
                 progress.write(f"step {step}: val loss {val['loss']:.4f}, val ppl {val['ppl']:.2f}")
         stopping = stopper.should_stop()  # SIGTERM/SIGUSR1 on any rank: checkpoint this step, then exit
