@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -100,6 +101,10 @@ def measured_line(cfg: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (its ZeRO estimators) would warn about it on stdout, in --json too
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from launcher.config import load_config
 

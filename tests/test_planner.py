@@ -3,6 +3,7 @@ model against measured CPU peak memory of the tiny configs, the CLI (suggestions
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -144,6 +145,9 @@ def test_cli_prints_plan_and_suggestions(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "micro-batch 24" in out and "layouts that fit on 8 x H100-80GB" in out
     assert out.strip().splitlines()[-1].startswith("plan: ")
+    assert plan.main(["--config", "configs/opt_125m.yaml", "--gpus", "8", "--set", "parallel.zero_stage=2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # nothing else on stdout
+    assert result["plan"]["layout"]["zero_stage"] == 2 and result["suggestions"]
     assert plan.main(["--config", "configs/opt_tiny.yaml", "--gpu", "TPUv9"]) == 2
     assert capsys.readouterr().err.strip() == ("error: config key '--gpu' = 'TPUv9': unknown device (one of H100, "
                                                "H200, A100-80GB, A100-40GB, L40S, A10G, V100, cpu)")
