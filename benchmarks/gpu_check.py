@@ -42,13 +42,16 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_report import format_markdown, summary_lines
 from launcher import json_safe
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_sections import Context, Section
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_SECTION_S = 5.0  # below this much time left, a section is not started
@@ -57,7 +60,7 @@ FAULT_ENV = "GPU_CHECK_FAULT"
 DEFAULT_DEADLINE = {False: 480.0, True: 420.0}  # --quick: generous, the CPU may be shared
 
 
-def _sections() -> list[Any]:
+def _sections() -> list[Section]:
     from benchmarks.gpu_sections import SECTIONS  # imports torch: not needed to parse arguments
 
     return SECTIONS
@@ -105,7 +108,7 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inject_fault(ctx: Any) -> None:
+def _inject_fault(ctx: Context) -> None:
     faults = dict(item.split(":", 1) for item in os.environ.get(FAULT_ENV, "").split(",") if ":" in item)
     if faults.get(ctx.name) == "fail":
         raise RuntimeError(f"injected fault ({FAULT_ENV})")

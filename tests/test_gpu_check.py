@@ -110,9 +110,10 @@ def test_markdown_report_has_every_section(quick) -> None:
 
 def test_failed_and_hung_sections_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     # env raises; attention (run after it all the same) hangs and is killed at the deadline, keeping its partial
-    result = _gpu_check(tmp_path, "--only", "env", "attention", "--deadline", "10", timeout=120,
+    result = _gpu_check(tmp_path, "--only", "env", "attention", "--deadline", "10", "--json", timeout=120,
                         env={FAULT_ENV: "env:fail,attention:hang"})
     report = json.loads((tmp_path / "report.json").read_text())
+    assert json.loads(result.stdout) == report  # --json prints the report instead of the tables
     assert result.returncode == 1, result.stderr[-3000:]
     assert list(report["sections"]) == ["env", "attention"] and report["failed"] == ["env", "attention"]
     env, attention = report["sections"]["env"], report["sections"]["attention"]
