@@ -9,10 +9,12 @@ import argparse
 import sys
 import time
 import types
+from pathlib import Path
 
 from data_pipeline.config import SOURCES, TOKENIZER_TYPES, DataConfig
 from data_pipeline.tokenizer import Tokenizer, train_from_config
 from data_pipeline.tokenizer import train_tokenizer as _train_tokenizer
+from data_pipeline.writable import check_writable_dir, writable_dir_problem
 from model.errors import ProjectError
 
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         cfg.validate()
+        problem = writable_dir_problem(Path(args.out).absolute().parent)
+        if problem is not None:
+            raise ProjectError(f"--out {args.out} cannot be written: {problem}")
+        check_writable_dir(cfg.cache_dir, "--cache-dir")
         path, documents, name = train_from_config(cfg, args.out)
         tokenizer = Tokenizer(path)
     except ProjectError as e:

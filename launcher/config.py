@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,10 @@ class TrainConfig:
                               f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
         if self.lr <= 0:
             raise ConfigError("train.lr", self.lr, "must be positive")
+        if self.eps <= 0:
+            raise ConfigError("train.eps", self.eps, "must be positive (Adam divides by sqrt(v) + eps)")
+        if self.seed < 0:
+            raise ConfigError("train.seed", self.seed, "must be a non-negative integer")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError("train.min_lr", self.min_lr, f"must lie in [0, train.lr={self.lr}]")
         if self.warmup_steps < 0:
@@ -128,8 +133,13 @@ class LoggingConfig:
     def validate(self) -> None:
         if self.log_interval <= 0:
             raise ConfigError("logging.log_interval", self.log_interval, "must be a positive integer")
-        if not self.run_name or "/" in self.run_name:
-            raise ConfigError("logging.run_name", self.run_name, "must be a non-empty name without '/'")
+        if not self.run_name or "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError("logging.run_name", self.run_name, "must be a folder name inside logging.run_dir "
+                              "(not empty, '.' or '..', no '/')")
+        if not self.run_dir:
+            raise ConfigError("logging.run_dir", self.run_dir, "must name a folder")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("logging.peak_tflops", self.peak_tflops, "must be positive or null")
 
 
 W8A8_WEIGHT_RANGES = ("auto", "mse", "minmax")
@@ -246,14 +256,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(key, value, "must be an integer")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, value, "must be a number")
+        if number is None:
+            raise ConfigError(key, value, "must be a number")
+        if not math.isfinite(number):  # no setting means anything at inf/NaN; they only fail later, elsewhere
+            raise ConfigError(key, value, "must be a finite number")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -322,9 +337,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ProjectError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:  # an empty file would silently train on defaults
+        raise ProjectError(f"config file {path} is empty (want sections such as model:, data:, train:)")
+    if not isinstance(raw, dict):
         raise ProjectError(f"config file {path} must contain a mapping of sections")
-    return config_from_dict(raw or {}, overrides)
+    return config_from_dict(raw, overrides)
 
 
 def config_text(cfg: RunConfig) -> str:

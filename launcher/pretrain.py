@@ -35,6 +35,8 @@ from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
 from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, any_rank, skip_nonfinite_updates, weights_finite
+from launcher.preflight import preflight
+from launcher.quiet import quiet_library_noise
 from launcher.resume import check_resume_config, resume_point
 from launcher.runlock import RunDirInUse, RunLock
 from launcher.schedule import build_scheduler, retarget_scheduler
@@ -81,6 +83,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     """Validate everything that depends on files or the world size; raises ProjectError on bad input."""
+    preflight(cfg)
     layout = validate_layout(cfg.model, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
                              zero_stage=cfg.parallel.zero_stage, world_size=world.world_size,
                              micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size)
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_noise()
     args = parse_args(argv)
     try:
         world = world_from_env()

@@ -108,6 +108,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}", value, "must lie in [0, 1)")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", self.init_std, "must be positive")
+        if self.layer_norm_eps <= 0:
+            raise ConfigError("model.layer_norm_eps", self.layer_norm_eps, "must be positive (it keeps LayerNorm "
+                              "from dividing by zero)")
         if self.family == "bert" and not self.tie_word_embeddings:
             raise ConfigError("model.tie_word_embeddings", self.tie_word_embeddings,
                               "must be true for BERT (its MLM decoder is the word embedding matrix)")

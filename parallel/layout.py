@@ -33,7 +33,8 @@ def validate_layout(model: ModelConfig, *, tensor: int, pipeline: int, zero_stag
         if not isinstance(value, int) or value < 1:
             raise ConfigError(key, value, "must be a positive integer")
     if world_size % (tensor * pipeline):
-        raise ConfigError("parallel.tensor", tensor, f"tensor x pipeline = {tensor * pipeline} must divide the "
+        key, value = ("parallel.pipeline", pipeline) if pipeline > 1 else ("parallel.tensor", tensor)
+        raise ConfigError(key, value, f"parallel.tensor x parallel.pipeline = {tensor * pipeline} must divide the "
                           f"world size {world_size}")
     for key, size in (("model.num_heads", model.num_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
                       ("model.hidden_size", model.hidden_size)):

@@ -1,0 +1,28 @@
+"""Can a folder be created and written? Checked before any work starts, without creating anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from model.errors import ProjectError
+
+
+def writable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be (created and) written as a folder, naming the blocking path; None if it can."""
+    target = Path(path).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder" + ("" if existing == target else f", so {target} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raise ProjectError (one line naming `what` and the path) when the folder cannot be written."""
+    problem = writable_dir_problem(path)
+    if problem is not None:
+        raise ProjectError(f"{what} {path} cannot be written: {problem}")
