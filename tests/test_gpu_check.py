@@ -141,6 +141,17 @@ def test_gpu_training_cases_read_the_published_shapes() -> None:
     assert small.dropout == large.dropout == 0.1
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_run_configs_are_offline_and_valid(cuda: bool, tmp_path: Path) -> None:
+    """The outliers/resume sections' launcher config (GPU: the 125M model) reads only the bundled sample."""
+    from launcher.config import load_config
+
+    config, overrides = gpu_sections._run_overrides(SimpleNamespace(cuda=cuda, work=tmp_path), "run")
+    cfg = load_config(REPO / config, overrides)
+    assert cfg.data.source == "wiki_sample" and cfg.data.sources == [] and cfg.run_path == tmp_path / "runs" / "run"
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == ((12, 768) if cuda else (2, 32))
+
+
 def test_loss_checks_and_memory_exponents() -> None:
     assert gpu_sections.loss_falls([10.0, 10.2, 9.0, 8.0]) and not gpu_sections.loss_falls([10.0, 9.0, 10.5, 10.1])
     assert gpu_sections.largest_difference({1: 1.0, 2: 2.0}, {1: 1.5, 2: 2.0}, range(1, 3)) == 0.5
