@@ -75,7 +75,7 @@ def threads_per_rank(env: Mapping[str, str], tasks_on_node: int) -> int:
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, int(env["SLURM_CPUS_PER_TASK"]))
     cpus = re.match(r"\d+", env.get("SLURM_CPUS_ON_NODE", ""))
-    return max(1, int(cpus.group(0)) // tasks_on_node) if cpus else 1
+    return max(1, (int(cpus.group(0)) if cpus else os.cpu_count() or 1) // max(1, tasks_on_node))
 
 
 def check_world(cfg: RunConfig, world_size: int) -> None:

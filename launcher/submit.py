@@ -21,7 +21,7 @@ import submitit
 from launcher.config import load_config
 from launcher.distributed import slurm_master_port
 from launcher.signals import GracefulStop
-from launcher.slurm import check_world
+from launcher.slurm import check_world, threads_per_rank
 from model.errors import ProjectError
 
 
@@ -39,6 +39,10 @@ class TrainJob(submitit.helpers.Checkpointable):
             port = self.port or (slurm_master_port(os.environ) if os.environ.get("SLURM_JOB_ID") else 29512)
             os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
                               LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(port))
+            # Before torch loads (the trainer's import below): one OpenMP pool per rank sized to its CPUs, as
+            # the sbatch scripts do; torch's default (every core of the node in every rank) oversubscribes.
+            threads = threads_per_rank(os.environ, max(1, env.num_tasks // env.num_nodes))
+            os.environ["OMP_NUM_THREADS"] = str(threads)
             from launcher.pretrain import main
 
             args = ["--config", self.config, "--resume", "auto"] + [x for o in self.overrides for x in ("--set", o)]
