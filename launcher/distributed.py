@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -140,6 +141,16 @@ def init_process_group(world: WorldInfo | None = None) -> torch.device:
                            f"intended rank {world.rank} of {world.world_size} ({world.source}): refusing to "
                            f"train in a different world")
     return device
+
+
+def close_process_group() -> None:
+    """Tear the group down before the interpreter exits. A gloo group left to the exit-time destructors can
+    abort a rank ("terminate called without an active exception", exit 134): a finished or checkpointed run
+    would then look like a crash to Slurm and to the requeue decision. Not a collective; a no-op without a group
+    (and without importing torch on an early error path)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -30,7 +30,7 @@ from data_pipeline.mlm import MLMStream
 from data_pipeline.packing import BlockStream
 from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
 from launcher.config import RunConfig, config_text, load_config, save_config
-from launcher.distributed import WorldInfo, init_process_group, world_from_env
+from launcher.distributed import WorldInfo, close_process_group, init_process_group, world_from_env
 from launcher import json_safe
 from launcher.hf_checkpoint import init_state
 from launcher.metrics import MetricsLogger
@@ -416,6 +416,7 @@ def _main(argv: list[str] | None) -> int:
         return 1
     finally:
         RunLock.release_all()  # a run that raised still holds it; the next in-process run must not be refused
+        close_process_group()  # not left to exit-time destructors, which can abort a finished rank (exit 134)
     return 0
 
 

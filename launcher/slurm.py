@@ -144,7 +144,8 @@ def requeue_decision(cfg: RunConfig, status: int, env: Mapping[str, str]) -> tup
     if summary.get("completed"):
         return False, f"run {cfg.logging.run_name} completed at step {summary.get('steps')}: not requeued"
     if not summary.get("stopped_by"):
-        return False, f"run {cfg.logging.run_name} stopped at step {summary.get('steps')} without a signal: not requeued"
+        return False, (f"run {cfg.logging.run_name} stopped at step {summary.get('steps')} without a signal: "
+                       f"not requeued")
     return True, (f"run {cfg.logging.run_name} stopped by {summary['stopped_by']} at step {summary.get('steps')} "
                   f"and checkpointed; the next attempt resumes from it")
 

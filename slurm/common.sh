@@ -7,7 +7,8 @@ export PATH="$(dirname "$PYTHON"):$PATH"  # the venv's deepspeed launcher
 
 # Overrides after the script name: `sbatch slurm/opt_1b3.sh --set train.lr=1e-4`.
 LAUNCH=$("$PYTHON" -m launcher.slurm command --config "$CONFIG" "$@")
-echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} attempt ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?} in $(pwd): $LAUNCH"
+echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} attempt ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}" \
+  "in $(pwd): $LAUNCH"
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   exit 0
 fi

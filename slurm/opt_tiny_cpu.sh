@@ -20,7 +20,8 @@ set -euo pipefail
 # take OUTEFFHOP_REPO, else the submitted script's path that Slurm records (scontrol's Command=, relative
 # to the submit directory, which is the working directory), else $0 (run with plain bash).
 for REPO in "${OUTEFFHOP_REPO:-}" \
-    "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\([^ ]*\)/slurm/[^/ ]*\.sh\( .*\)\{0,1\}$|\1|p')}" \
+    "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
+                       | sed -n 's|^ *Command=\([^ ]*\)/slurm/[^/ ]*\.sh\( .*\)\{0,1\}$|\1|p')}" \
     "$(dirname "$0")/.."; do
   [[ -n "$REPO" && -f "$REPO/slurm/common.sh" ]] && break
 done

@@ -9,6 +9,7 @@ are idle; `stop()` cancels every job, waits for it to leave, then terminates and
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -104,7 +105,9 @@ def slurm_conf(folder: Path, ctld_port: int, node_ports: list[int]) -> str:
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={folder / 'jobcomp.txt'}", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-        "JobRequeue=1", "ReturnToService=2", "MpiDefault=none", "MailProg=/bin/true",
+        # Job ids (and so the jobs' rendezvous ports, 10000 + id) differ between clusters running at once.
+        f"FirstJobId={random.randrange(1000, 19000)}", "JobRequeue=1", "ReturnToService=2", "MpiDefault=none",
+        "MailProg=/bin/true",
         "SchedulerParameters=sched_interval=2,bf_interval=2", "SlurmctldTimeout=30", "SlurmdTimeout=30",
         "KillWait=10", "InactiveLimit=0", "MinJobAge=300", "SlurmctldDebug=info", "SlurmdDebug=info",
         f"StateSaveLocation={folder / 'state'}", f"SlurmdSpoolDir={folder / 'spool-%n'}",
