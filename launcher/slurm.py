@@ -135,7 +135,7 @@ def requeue_decision(cfg: RunConfig, status: int, env: Mapping[str, str]) -> tup
     mine = bool(summary) and summary.get("attempt") == attempt
     if status in STOP_STATUSES and not mine:
         return True, (f"attempt {attempt} was stopped by {STOP_STATUSES[status]} (exit {status}) before the "
-                      f"trainer could catch it; the next attempt resumes from the latest checkpoint")
+                      f"trainer could catch it; the next attempt resumes from the latest checkpoint, if any")
     if status:
         return False, (f"attempt {attempt} failed with exit status {status}: not requeued (a crash would fail "
                        f"the same way again; fix it and resubmit)")
@@ -156,7 +156,12 @@ def requeue_if_unfinished(cfg: RunConfig, status: int, env: Mapping[str, str] | 
     requeue, reason = requeue_decision(cfg, status, env)
     print(f"[requeue] {'requeued' if requeue else 'done'}: {reason}", file=sys.stderr, flush=True)
     if requeue:
-        subprocess.run(["scontrol", "requeue", _env(env, "SLURM_JOB_ID")], check=True)
+        job = _env(env, "SLURM_JOB_ID")
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise ProjectError(f"scontrol requeue {job} failed ({error}); resubmit the same command to continue "
+                               f"from the checkpoint") from None
     return requeue
 
 

@@ -125,6 +125,13 @@ def test_requeue_if_unfinished_calls_scontrol_only_to_requeue(tmp_path: Path, mo
     assert lines[0].startswith("[requeue] requeued: run opt_tiny stopped by SIGUSR1 at step 3")
     assert lines[1].startswith("[requeue] done: attempt 77.1 failed with exit status 1")
 
+    def refuse(cmd: list[str], check: bool) -> None:
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(slurm.subprocess, "run", refuse)  # e.g. a cluster with JobRequeue=0
+    with pytest.raises(ProjectError, match="scontrol requeue 77 failed .*; resubmit the same command"):
+        slurm.requeue_if_unfinished(cfg, 0, {"SLURM_JOB_ID": "77"})
+
 
 def test_slurm_command_needs_an_allocation(tmp_path: Path) -> None:
     with pytest.raises(ProjectError, match="SLURM_JOB_NODELIST"):
