@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from launcher.checkpoint import COMPLETE, find_resumable, has_checkpoints, resolve_checkpoint, step_dirs, step_number
+from launcher.config import RunConfig
 from model.errors import ProjectError
 
 ResumePoint = tuple[Path, str]  # (checkpoints folder, step tag)
@@ -63,9 +64,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]],
                                                                          dict[str, tuple[Any, Any]]]:
     """(changes a checkpoint cannot take, changes that apply on resume), each key -> (saved, new)."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
-    changed = {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(set(old_flat) | set(new_flat))
-               if old_flat.get(key) != new_flat.get(key) and key != "train.init_from"}  # ignored on resume
+    # A key the saved config lacks was added to the schema after the checkpoint was written: that run used
+    # what is now its default (new keys default to the old behaviour). A key the schema no longer has
+    # cannot apply either way. So a code update alone never blocks a resume (e.g. a requeued Slurm job).
+    old_flat, new_flat = {**_flatten(RunConfig().to_dict()), **_flatten(saved)}, _flatten(new)
+    changed = {key: (old_flat.get(key), value) for key, value in sorted(new_flat.items())
+               if old_flat.get(key) != value and key != "train.init_from"}  # init_from is ignored on resume
     fixed = {key: change for key, change in changed.items() if key not in CHANGEABLE
              and (key.startswith(FIXED_SECTIONS) or key in FIXED_TRAIN)}
     return fixed, {key: change for key, change in changed.items() if key not in fixed}

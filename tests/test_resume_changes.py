@@ -13,7 +13,8 @@ import yaml
 
 from conftest import run_pretrain, tiny_overrides
 from launcher.pretrain import main
-from launcher.resume import resume_point
+from launcher.config import RunConfig
+from launcher.resume import config_changes, resume_point
 from launcher.schedule import lr_at
 from model.errors import ProjectError
 
@@ -61,3 +62,17 @@ def test_changed_lr_and_steps_take_effect_and_are_recorded(trained_run: Path, tm
     assert event["config_changed"]["train.lr"] == [3e-3, 1e-3] and event["config_changed"]["train.steps"] == [6, 9]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["lr"] == 1e-3 and saved["train"]["steps"] == 9
+
+
+def test_keys_added_to_or_dropped_from_the_schema_since_the_checkpoint_do_not_block_resume() -> None:
+    """A checkpoint written before a key existed ran with what is now its default: a code update alone
+    (a requeued job picking up a newer checkout) must not refuse the resume; a real change still does."""
+    saved = RunConfig().to_dict()
+    del saved["data"]["seq_length"], saved["train"]["lr"]  # keys "added" after the checkpoint was written
+    saved["data"]["retired_key"] = 3  # a key the schema has since dropped
+    assert config_changes(saved, RunConfig().to_dict()) == ({}, {})
+    new = RunConfig().to_dict()
+    new["data"]["seq_length"] += 1
+    new["train"]["lr"] *= 2
+    fixed, changeable = config_changes(saved, new)
+    assert list(fixed) == ["data.seq_length"] and list(changeable) == ["train.lr"]
