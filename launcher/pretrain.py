@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from data_pipeline import Tokenizer, batch_iterator, eval_examples, load_or_train_tokenizer, train_examples
+from data_pipeline.cache_rollback import remove_new_cache_files_on_error
 from data_pipeline.mlm import MLMStream
 from data_pipeline.packing import BlockStream
 from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
@@ -95,15 +96,16 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
         print(f"note: {note}", file=sys.stderr, flush=True)
     changed = check_resume_config(resume_from, cfg.to_dict()) if resume_from is not None else {}
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
-    tokenizer = load_or_train_tokenizer(cfg.data)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
-    objective = family_of(cfg.model).objective
-    train_stream = train_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
-                                  vocab_size=cfg.model.vocab_size)
-    val_blocks = eval_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
-                               max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
+    with remove_new_cache_files_on_error(cfg.data.cache_dir):  # a bad data file leaves no cache behind
+        tokenizer = load_or_train_tokenizer(cfg.data)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                              f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
+        objective = family_of(cfg.model).objective
+        train_stream = train_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
+                                      vocab_size=cfg.model.vocab_size)
+        val_blocks = eval_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
+                                   max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
     return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, changed, layout,
                     initial_state)
