@@ -55,6 +55,9 @@ class DataConfig:
     tokenizer_type: str = "unigram"  # or "bpe"
     tokenizer_sample_docs: int = 20000  # at most this many train documents feed tokenizer training
     seq_length: int = 256  # tokens per block
+    # Causal LM: every training and validation block starts with the tokenizer's BOS (OPT's recipe: a fixed first
+    # token, where attention sinks form), followed by seq_length - 1 packed tokens. BERT's [CLS] already is one.
+    bos: bool = False
     shuffle: bool = True
     seed: int = 1234
     shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
@@ -81,6 +84,10 @@ class DataConfig:
             )
         if self.source == "wiki40b" and self.language not in WIKI40B_LANGUAGES:
             raise ConfigError("data.language", self.language, "not a google/wiki40b config (en, fr, de, ...)")
+        if not isinstance(self.bos, bool):
+            raise ConfigError("data.bos", self.bos, "must be true or false")
+        if self.bos and self.seq_length < 2:
+            raise ConfigError("data.seq_length", self.seq_length, "must be at least 2 with data.bos (BOS + a token)")
         if self.shard_by not in SHARD_BY:
             raise ConfigError("data.shard_by", self.shard_by, f"must be one of {', '.join(SHARD_BY)}")
         if self.tokenizer_type not in TOKENIZER_TYPES:

@@ -1,6 +1,6 @@
 """Training and evaluation examples for a model family's objective: the one place that knows both.
 
-    objective "causal" (OPT): token blocks of data.seq_length, documents separated by EOS;
+    objective "causal" (OPT): token blocks of data.seq_length, documents separated by EOS (BOS first with data.bos);
     objective "mlm"    (BERT): [2, data.seq_length] masked examples (data_pipeline/mlm.py).
 
 The launcher, the periodic and standalone evaluations and the calibration data all come through here, so
@@ -31,7 +31,8 @@ def _check(cfg: DataConfig, objective: str) -> None:
 
 
 def _block_config(cfg: DataConfig) -> DataConfig:
-    return replace(cfg, seq_length=cfg.seq_length - SPECIAL_TOKENS)
+    # [CLS] is the masked-LM example's fixed first token: no BOS inside it.
+    return replace(cfg, seq_length=cfg.seq_length - SPECIAL_TOKENS, bos=False)
 
 
 def _blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int,

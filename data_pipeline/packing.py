@@ -3,7 +3,8 @@
 The token stream of an epoch is: for each document in epoch order, its tokens followed by EOS.
 The stream is cut into consecutive, non-overlapping blocks of seq_length tokens (a document may span
 blocks; nothing is padded). Epochs follow each other without a gap: the tokens left over at the end of
-epoch e continue into the first block of epoch e + 1.
+epoch e continue into the first block of epoch e + 1. With data.bos every block is BOS + the next
+seq_length - 1 tokens of that stream (the stream itself never holds BOS), so position 0 is always the same token.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model.errors import ProjectError
 
 STATE_VERSION = 1
 # State keys that must equal the current stream's for a restore to continue the same sequence.
-_MATCHING_KEYS = ("source", "split", "seq_length", "shard_by", "shuffle", "seed", "tokenizer")
+_MATCHING_KEYS = ("source", "split", "seq_length", "bos", "shard_by", "shuffle", "seed", "tokenizer")
 
 
 class BlockStream:
@@ -55,6 +56,7 @@ class BlockStream:
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self.source = source if source is not None else open_source(cfg, split)
         self.seq_length = cfg.seq_length
+        self.prefix = block_prefix(cfg, tokenizer)
         self._epoch = 0
         self._doc_index = 0  # documents of this rank's epoch order already packed
         self._buffer: list[int] = []  # tokens not yet in a block are self._buffer[self._pos:]
@@ -96,10 +98,10 @@ class BlockStream:
         return (self._blocks_emitted - 1) * self.dp_world + self.dp_rank
 
     def _cut_block(self, keep: bool = True) -> list[int]:
-        n = self.seq_length
+        n = self.seq_length - len(self.prefix)
         while len(self._buffer) - self._pos < n:
             self._read_document()
-        block = self._buffer[self._pos:self._pos + n] if keep else []
+        block = self.prefix + self._buffer[self._pos:self._pos + n] if keep else []
         self._pos += n
         self._global_blocks += 1
         if self._pos > 4 * n and 2 * self._pos > len(self._buffer):  # amortised O(1) compaction
@@ -140,6 +142,7 @@ class BlockStream:
             "source": self.source.name,
             "split": self.split,
             "seq_length": self.seq_length,
+            "bos": self.cfg.bos,
             "shard_by": self.cfg.shard_by,
             "shuffle": self.cfg.shuffle,
             "seed": self.cfg.seed,
@@ -162,7 +165,7 @@ class BlockStream:
         current = self.state_dict()
         keys = _MATCHING_KEYS + (("dp_world", "dp_rank") if self.cfg.shard_by == "documents" else ())
         for key in keys:
-            if state.get(key) != current[key]:
+            if state.get(key, False if key == "bos" else None) != current[key]:  # states before data.bos had none
                 raise ProjectError(f"data state does not match this run: {key} is {state.get(key)!r} "
                                    f"in the checkpoint but {current[key]!r} now")
         try:
@@ -196,10 +199,22 @@ def batch_iterator(blocks: Iterable[torch.Tensor], micro_batch_size: int) -> Ite
         yield torch.stack(batch)
 
 
+def block_prefix(cfg: DataConfig, tokenizer: Tokenizer) -> list[int]:
+    """What every block starts with: [BOS] with data.bos, else nothing."""
+    if not cfg.bos:
+        return []
+    if tokenizer.bos_id is None or tokenizer.bos_id < 0:
+        raise ProjectError(f"data.bos needs a BOS token, but the tokenizer {tokenizer} has none")
+    return [tokenizer.bos_id]
+
+
 def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, epoch: int = 0,
-                 separator_id: int | None = None) -> Iterator[list[int]]:
-    """The full blocks of one epoch of `source` (whole stream, no sharding); the partial tail is dropped."""
+                 separator_id: int | None = None, prefix: list[int] | None = None) -> Iterator[list[int]]:
+    """The full blocks of one epoch of `source` (whole stream, no sharding), each `prefix` + seq_length -
+    len(prefix) stream tokens; the partial tail is dropped."""
     separator = tokenizer.eos_id if separator_id is None else separator_id
+    prefix = prefix or []
+    n = seq_length - len(prefix)
     buffer: list[int] = []
     pos = 0
     for text in source.documents(epoch):
@@ -207,9 +222,9 @@ def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, 
             continue
         buffer.extend(tokenizer.encode(text))
         buffer.append(separator)
-        while len(buffer) - pos >= seq_length:
-            yield buffer[pos:pos + seq_length]
-            pos += seq_length
+        while len(buffer) - pos >= n:
+            yield prefix + buffer[pos:pos + n]
+            pos += n
         del buffer[:pos]
         pos = 0
 
@@ -224,7 +239,8 @@ def validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, split: str = "valid
         raise ProjectError(f"bad data-parallel position: rank {dp_rank} of world size {dp_world}")
     source = open_source(replace(cfg, shuffle=False), split)
     blocks: list[list[int]] = []
-    for block in epoch_blocks(source, tokenizer, cfg.seq_length, separator_id=separator_id):
+    for block in epoch_blocks(source, tokenizer, cfg.seq_length, separator_id=separator_id,
+                              prefix=block_prefix(cfg, tokenizer)):
         blocks.append(block)
         if max_blocks is not None and len(blocks) >= max_blocks:
             break

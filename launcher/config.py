@@ -211,6 +211,9 @@ class RunConfig:
         if self.eval.lm_eval_tasks and self.model.family != "opt":
             raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
                               f"needs a causal LM (model.family=opt), not {self.model.family}")
+        if self.data.bos and self.model.family != "opt":
+            raise ConfigError("data.bos", self.data.bos, f"is for causal LMs (model.family=opt); {self.model.family}'s "
+                              "examples already start with [CLS], a fixed first token")
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ConfigError("data.seq_length", self.data.seq_length,
                               f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
