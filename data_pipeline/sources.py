@@ -5,6 +5,7 @@
   into cache_dir as parquet in the Wiki-40B schema with a fixed train/validation/test split.
 - files: local parquet / jsonl / txt.
 - hub: any Hugging Face dataset by name (or a local dataset folder), streamed, plain text (e.g. BookCorpus).
+- bigram_backcopy: the synthetic Bigram-Backcopy task, generated on the fly (data_pipeline/bigram.py).
 
 Finite sources are map-style `datasets.Dataset`s (random access makes resuming at a document cheap);
 wiki40b is an `IterableDataset` (resuming re-reads and skips the documents before `start`).
@@ -107,6 +108,10 @@ def open_source(cfg: DataConfig, split: str = "train", *,
         return _open_files(cfg, split)
     if cfg.source == "hub":
         return _open_hub(cfg, split)
+    if cfg.source == "bigram_backcopy":  # synthetic, generated on the fly
+        from data_pipeline.bigram import BigramBackcopySource
+
+        return BigramBackcopySource(cfg, split)
     if split not in WIKI_SPLITS:
         raise ProjectError(f"unknown split '{split}' for source {cfg.source} (one of {', '.join(WIKI_SPLITS)})")
     if cfg.source == "wiki40b":

@@ -228,6 +228,10 @@ def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
     cfg.validate()
     if cfg.tokenizer is not None:
         return open_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer_type == "char":  # a fixed vocabulary: nothing to train or cache
+        from data_pipeline.char_tokenizer import CharTokenizer
+
+        return CharTokenizer()  # type: ignore[return-value]  (Tokenizer's interface)
     path = cached_tokenizer_path(cfg)
     if path.is_file():
         return Tokenizer(path)

@@ -142,6 +142,9 @@ def export_tokenizer(cfg: RunConfig, spec: str | None) -> Any:
     from data_pipeline.tokenizer import cached_tokenizer_path
     from launcher.hf_tokenizer import sentencepiece_to_hf
 
+    if spec is None and cfg.data.tokenizer_type == "char":
+        raise ProjectError("the run uses data.tokenizer_type=char (a fixed character vocabulary), which has no "
+                           "Hugging Face tokenizer export yet; pass --tokenizer PATH to ship another one")
     spec = spec or cfg.data.tokenizer or str(cached_tokenizer_path(cfg.data))
     if spec.startswith(HF_TOKENIZER_PREFIX):
         from transformers import AutoTokenizer
