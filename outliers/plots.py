@@ -74,6 +74,21 @@ def per_layer_figure(result: dict[str, Any]):  # noqa: ANN201 - a matplotlib Fig
     return fig
 
 
+def log_sinks(writer: Any, layers: list[dict[str, Any]], step: int) -> None:
+    """Attention-sink scalars per layer (head means; outliers/sinks.py) and the BOS mass of every head."""
+    for layer in layers:
+        j = layer["layer"]
+        for key in ("bos_mass_mean", "sink_head_share", "residual_norm_ratio", "value_norm_ratio", "nothing_mass",
+                    "gate_mean"):
+            value = layer.get(key)
+            if isinstance(value, list):
+                value = sum(value) / len(value) if value else None
+            if value is not None:
+                writer.add_scalar(f"sinks_{key}/layer_{j}", value, step)
+        for head, mass in enumerate(layer.get("bos_mass") or []):
+            writer.add_scalar(f"sinks_bos_mass_per_head/layer_{j}_head_{head}", mass, step)
+
+
 def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torch.Tensor | None, step: int) -> None:
     """Scalars per module, a histogram of the worst module's activations and the per-layer image."""
     import matplotlib.pyplot as plt
@@ -81,6 +96,7 @@ def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torc
     for name, stats in result["modules"].items():
         writer.add_scalar(f"outliers_kurtosis/{tensorboard_tag(name)}", stats["kurtosis"], step)
         writer.add_scalar(f"outliers_inf_norm/{tensorboard_tag(name)}", stats["inf_norm"], step)
+    log_sinks(writer, result.get("sinks") or [], step)
     if worst_activations is not None:
         # One fixed tag: which module it was at each step is in metrics.jsonl (worst_module).
         writer.add_histogram("outliers/worst_module_activations", worst_activations.flatten(), step)

@@ -28,12 +28,15 @@ import torch
 from torch import nn
 
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
+from outliers.sinks import SINK_SUMMARY_KEYS, SinkHooks, format_sink_table, summarize_sinks
 from outliers.stats import OutlierHooks, hook_activation, summarize
 
 RESULT_FILE = "outliers.json"
 # Headline keys, in the order they are printed; `summary.json` of a run carries the first ones too.
+# *_rest: without position 0; then the attention-sink numbers of outliers/sinks.py.
 SUMMARY_KEYS = ("val_loss", "val_ppl", "w8a8_val_loss", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis",
-                "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm", "worst_module")
+                "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm", "worst_module", "avg_kurtosis_rest",
+                "max_inf_norm_rest") + SINK_SUMMARY_KEYS
 # Keys that depend on the machine's speed, not the model: never compared.
 TIMING_KEYS = ("eval_time_s",)
 
@@ -58,9 +61,10 @@ class Evaluation:
     values: dict[str, Any]  # SUMMARY_KEYS + eval_time_s
     modules: dict[str, dict[str, Any]]  # per hooked module: kind, kurtosis, inf_norm, ...
     worst_activations: torch.Tensor | None = None  # the worst module's output on the first block batch
+    sinks: list[dict[str, Any]] = field(default_factory=list)  # per layer: outliers.sinks.SinkHooks.results()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.values, "modules": self.modules}
+        return {**self.values, "modules": self.modules, "sinks": self.sinks}
 
 
 def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
@@ -131,11 +135,11 @@ def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_block
 def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
               settings: EvalSettings) -> Evaluation:
     start = time.perf_counter()
-    with OutlierHooks(model) as hooks:
+    with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks:
         fp = perplexity(model, val_blocks, settings.micro_batch_size)
-    modules = hooks.results()
+    modules, sinks = hooks.results(), sink_hooks.results()
     values: dict[str, Any] = {"val_loss": fp["loss"], "val_ppl": fp["ppl"], "w8a8_val_loss": None,
-                              "w8a8_val_ppl": None, **summarize(modules)}
+                              "w8a8_val_ppl": None, **summarize(modules), **summarize_sinks(sinks)}
     worst = _capture(model, values["worst_module"], val_blocks[:settings.micro_batch_size])
     if settings.ptq is not None:
         if not calib_blocks:
@@ -146,7 +150,7 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
         values.update(w8a8_val_loss=w8a8["loss"], w8a8_val_ppl=w8a8["ppl"])
     values = {key: values[key] for key in SUMMARY_KEYS}
     values["eval_time_s"] = time.perf_counter() - start
-    return Evaluation(values, modules, worst)
+    return Evaluation(values, modules, worst, sinks)
 
 
 def _capture(model: nn.Module, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -186,6 +190,9 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         for key, value in stats.items():
             if key in other and other[key] != value:
                 diffs.append(f"{name}/{key}: {value!r} vs {other[key]!r}")
+    for mine, theirs in zip(a.get("sinks") or [], b.get("sinks") or []):
+        diffs.extend(f"sinks/layer {mine['layer']}/{key}: {value!r} vs {theirs[key]!r}"
+                     for key, value in mine.items() if key in theirs and theirs[key] != value)
     return diffs
 
 
@@ -210,6 +217,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("(kurtosis: Pearson, per sequence, averaged; inf norm: per-sequence max|x|, averaged; "
                  "max: over sequences)")
+    if result.get("sinks"):
+        lines += ["", "attention sinks per layer (head means; position 0 = the first token):",
+                  format_sink_table(result["sinks"]), ""]
     lines.extend(f"{key:>20}: {_fmt(result.get(key))}" for key in SUMMARY_KEYS)
     return "\n".join(lines)
 

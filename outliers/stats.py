@@ -13,7 +13,9 @@ used everywhere in this project):
                                                        std with Bessel's correction (unbiased)
     inf norm  max |x|
 
-Both are averaged over the evaluation set per module. Summaries: avg kurtosis (mean over modules),
+Both are averaged over the evaluation set per module, once over all T positions and once without position 0
+(`kurtosis_rest`, `inf_norm_rest`: what is left when the first token, the usual attention sink, is set aside).
+Summaries: avg kurtosis (mean over modules),
 max kurtosis and max inf norm (max over modules), and the max inf norm over FFN outputs (kind "ffn_out":
 fc2 / output.dense) and over layer outputs (kind "layer_out") separately, since the final LayerNorm can
 dominate the overall maximum.
@@ -124,9 +126,15 @@ class ModuleStats:
     inf_norm_sum: float = 0.0
     inf_norm_peak: float = 0.0
     kurtosis_peak: float = 0.0
+    kurtosis_rest_sum: float = 0.0  # without position 0 (activations are [batch, T, d])
+    inf_norm_rest_sum: float = 0.0
 
     def add(self, activation: torch.Tensor) -> None:
         k, inf = kurtosis(activation), inf_norm(activation)
+        if activation.dim() >= 3 and activation.shape[1] > 1:
+            rest = activation[:, 1:]
+            self.kurtosis_rest_sum += float(kurtosis(rest).sum())
+            self.inf_norm_rest_sum += float(inf_norm(rest).sum())
         self.sequences += k.numel()
         self.kurtosis_sum += float(k.sum())
         self.inf_norm_sum += float(inf.sum())
@@ -136,7 +144,8 @@ class ModuleStats:
     def to_dict(self) -> dict[str, Any]:
         n = max(self.sequences, 1)
         return {"kind": self.kind, "kurtosis": self.kurtosis_sum / n, "inf_norm": self.inf_norm_sum / n,
-                "kurtosis_max": self.kurtosis_peak, "inf_norm_max": self.inf_norm_peak, "sequences": self.sequences}
+                "kurtosis_max": self.kurtosis_peak, "inf_norm_max": self.inf_norm_peak, "sequences": self.sequences,
+                "kurtosis_rest": self.kurtosis_rest_sum / n, "inf_norm_rest": self.inf_norm_rest_sum / n}
 
 
 class OutlierHooks:
@@ -175,6 +184,7 @@ def summarize(per_module: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return max(values) if values else float("nan")
 
     kurt = [m["kurtosis"] for m in per_module.values()]
+    kurt_rest = [m["kurtosis_rest"] for m in per_module.values() if "kurtosis_rest" in m]
     worst = max(per_module, key=lambda name: per_module[name]["inf_norm"])
     return {
         "avg_kurtosis": sum(kurt) / len(kurt),
@@ -183,4 +193,6 @@ def summarize(per_module: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "ffn_max_inf_norm": peak(("ffn_out",), "inf_norm"),
         "layer_max_inf_norm": peak(("layer_out",), "inf_norm"),
         "worst_module": worst,
+        "avg_kurtosis_rest": sum(kurt_rest) / len(kurt_rest) if kurt_rest else float("nan"),
+        "max_inf_norm_rest": peak(None, "inf_norm_rest") if kurt_rest else float("nan"),
     }
