@@ -6,7 +6,9 @@ kurtosis and infinity norms.
 
 Each variant is one `python -m launcher.pretrain` run under DIR (default `<logging.run_dir>/study-<time>/`,
 one sub-directory per variant); the outlier/W8A8 figures are those of the run's last periodic evaluation
-(outliers/). Writes DIR/study.md (table), DIR/study.png (bars + trajectories) and DIR/study.json.
+(outliers/). Writes DIR/study.md (table), DIR/study.png (bars + trajectories), DIR/emergence.png (the
+statistics over training steps per variant: inf norm, kurtosis, W8A8 gap, BOS sink share, first-token residual
+norm) and DIR/study.json.
 
 Variant names: a softmax variant (`softmax`, `softmax1`, `clipped_softmax`, `clipped_softmax1`,
 `learnable_sink`), `gated` (vanilla softmax with the per-head gate, the QC paper's gated attention) or
@@ -31,7 +33,13 @@ from model.config import SOFTMAX_VARIANTS
 from model.errors import ProjectError
 
 METRICS = ("val_ppl", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm",
-           "layer_max_inf_norm")
+           "layer_max_inf_norm", "avg_kurtosis_rest", "max_inf_norm_rest", "sink_head_share", "bos_mass_mean",
+           "max_residual_norm_ratio", "nothing_mass_mean")
+# The emergence plot: (metric, title) per panel, each over training steps, one line per variant.
+EMERGENCE = (("max_inf_norm", "max inf norm"), ("avg_kurtosis", "avg kurtosis"),
+             ("gap", "W8A8 ppl / FP ppl - 1 (%)"), ("sink_head_share", "share of heads with BOS mass > 0.3"),
+             ("max_residual_norm_ratio", "first token's residual norm / median (max over layers)"),
+             ("max_inf_norm_rest", "max inf norm without position 0"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,6 +152,34 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _series(points: list[dict[str, Any]], key: str) -> list[float]:
+    """One metric over the evaluations of a run (NaN where it is missing, e.g. runs from before a metric existed)."""
+    if key == "gap":
+        return [100 * (p["w8a8_val_ppl"] / p["val_ppl"] - 1) if p.get("w8a8_val_ppl") and p.get("val_ppl")
+                else float("nan") for p in points]
+    return [float("nan") if p.get(key) is None else float(p[key]) for p in points]
+
+
+def plot_emergence(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """The emergence curves: every EMERGENCE statistic over training steps, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, (key, title) in zip(axes.flat, EMERGENCE):
+        for name, result in results.items():
+            points = result["trajectory"]
+            ax.plot([p["step"] for p in points], _series(points, key), marker="o", label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle("emergence of outliers and attention sinks over training")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -185,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "study.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides, "steps": steps,
                                                 "variants": results}, indent=2) + "\n")
     plot(results, out / "study.png")
+    plot_emergence(results, out / "emergence.png")
     print(table)
-    print(f"[study] wrote {out / 'study.md'}, {out / 'study.png'}, {out / 'study.json'}")
+    print(f"[study] wrote {out / 'study.md'}, {out / 'study.png'}, {out / 'emergence.png'}, {out / 'study.json'}")
     return 0
 
 

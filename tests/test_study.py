@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def _fake_training(args: list[str], **_: Any) -> subprocess.CompletedProcess[str
     ppl, w8a8, kurt = (20.0, 21.0, 5.0) if gated else (20.5, 30.0, 50.0)
     evals = [{"kind": "outliers", "step": s, "val_ppl": ppl + 10 / s, "w8a8_val_ppl": w8a8 + 10 / s,
               "avg_kurtosis": kurt * s / 4, "max_kurtosis": 2 * kurt, "max_inf_norm": kurt, "ffn_max_inf_norm": 1.0,
-              "layer_max_inf_norm": 2.0, "worst_module": "decoder.layers.0"} for s in (2, 4)]
+              "layer_max_inf_norm": 2.0, "worst_module": "decoder.layers.0", "sink_head_share": 0.25 * s,
+              "max_residual_norm_ratio": 3.0 * s} for s in (2, 4)]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in evals) + "\n")
     (run / "summary.json").write_text(json.dumps({"steps": int(sets["train.steps"])}))
     return subprocess.CompletedProcess(args, 0)
@@ -52,6 +54,10 @@ def test_study_writes_table_plot_and_json(tmp_path: Path, monkeypatch: pytest.Mo
     saved = json.loads((out / "study.json").read_text())
     assert saved["steps"] == 4 and [p["step"] for p in saved["variants"]["gated"]["trajectory"]] == [2, 4]
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "emergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p["sink_head_share"] for p in saved["variants"]["softmax"]["trajectory"]] == [0.5, 1.0]
+    missing = study._series(saved["variants"]["softmax"]["trajectory"], "max_inf_norm_rest")  # not logged: NaN
+    assert len(missing) == 2 and all(math.isnan(v) for v in missing)
 
 
 def test_study_accepts_the_bert_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
