@@ -220,7 +220,7 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("sinks"):
         lines += ["", "attention sinks per layer (head means; position 0 = the first token):",
                   format_sink_table(result["sinks"]), ""]
-    lines.extend(f"{key:>20}: {_fmt(result.get(key))}" for key in SUMMARY_KEYS)
+    lines.extend(f"{key:>23}: {_fmt(result.get(key))}" for key in SUMMARY_KEYS)
     return "\n".join(lines)
 
 
