@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from launcher.throughput import flops_per_token
+from launcher.throughput import PEAK_TFLOPS, flops_per_token
 from model.config import ModelConfig
 
 GIB = 2**30
@@ -39,12 +39,13 @@ class Device:
     kind: str = "cuda"  # "cuda" or "cpu": decides the attention backend and dropout-mask bytes
 
 
-# Datasheet memory and dense bf16 peak.
+# Datasheet memory; the dense bf16 peak is launcher.throughput's (the one MFU is logged against).
 GPUS = {
-    "H100": Device("H100-80GB", 80.0, 989.0), "H200": Device("H200-141GB", 141.0, 989.0),
-    "A100-80GB": Device("A100-80GB", 80.0, 312.0), "A100-40GB": Device("A100-40GB", 40.0, 312.0),
-    "L40S": Device("L40S-48GB", 48.0, 362.0), "A10G": Device("A10G-24GB", 24.0, 125.0),
-    "V100": Device("V100-32GB", 32.0, 125.0),
+    "H100": Device("H100-80GB", 80.0, PEAK_TFLOPS["H100"]), "H200": Device("H200-141GB", 141.0, PEAK_TFLOPS["H200"]),
+    "A100-80GB": Device("A100-80GB", 80.0, PEAK_TFLOPS["A100"]),
+    "A100-40GB": Device("A100-40GB", 40.0, PEAK_TFLOPS["A100"]),
+    "L40S": Device("L40S-48GB", 48.0, PEAK_TFLOPS["L40S"]), "A10G": Device("A10G-24GB", 24.0, PEAK_TFLOPS["A10G"]),
+    "V100": Device("V100-32GB", 32.0, PEAK_TFLOPS["V100"]),
 }
 
 
