@@ -68,7 +68,11 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
 
     def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        opt.overflow = any_rank([not tensors_finite(p.grad for p in params)])[0]  # type: ignore[attr-defined]
+        norm = getattr(opt, "_global_grad_norm", None)
+        if norm is not None:  # parallel/grad_clip.py's hook ran first: its global norm is inf on every rank
+            opt.overflow = not math.isfinite(norm)  # type: ignore[attr-defined]
+        else:
+            opt.overflow = any_rank([not tensors_finite(p.grad for p in params)])[0]  # type: ignore[attr-defined]
         if opt.overflow:  # type: ignore[attr-defined]
             for param in params:
                 param.grad = None
