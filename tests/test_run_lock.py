@@ -42,8 +42,10 @@ def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_second_run_on_the_same_directory_stops_with_one_line(data_cache: Path, tmp_path: Path) -> None:
-    overrides = tiny_overrides(data_cache, tmp_path, **{"train.steps": 400, "train.checkpoint_interval": 1000,
-                                                          "eval.interval": 1000, "eval.outlier_interval": "null",
+    # The first run must still be training when the second starts, however fast the machine: it is given far
+    # more steps than it can run in the test, and SIGTERM ends it.
+    overrides = tiny_overrides(data_cache, tmp_path, **{"train.steps": 1_000_000, "train.checkpoint_interval": 10**7,
+                                                          "eval.interval": 10**7, "eval.outlier_interval": "null",
                                                           "logging.run_name": "shared"})
     args = ["--config", "configs/opt_tiny.yaml"] + [x for o in overrides for x in ("--set", o)]
     first = subprocess.Popen([sys.executable, "-m", "launcher.pretrain", *args], cwd=REPO,
