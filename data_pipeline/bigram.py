@@ -32,7 +32,7 @@ import numpy as np
 from data_pipeline.char_tokenizer import ALPHABET
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DocumentSource
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 EVAL_DOCUMENTS = 4096  # documents in the validation and test splits (train is endless)
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}

@@ -23,7 +23,7 @@ import torch
 from data_pipeline.config import BlendPart
 from data_pipeline.packing import BlockStream
 from data_pipeline.tokenizer import Tokenizer
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 STATE_VERSION = 1
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def _existing(root: Path) -> dict[Path, tuple[int, int] | None]:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).

@@ -18,7 +18,7 @@ from data_pipeline.blend import BlendStream
 from data_pipeline.config import DataConfig, blend_parts
 from data_pipeline.mlm import SPECIAL_TOKENS, Masker, MaskingRule, MLMStream
 from data_pipeline.packing import BlockStream, validation_blocks
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 OBJECTIVES = ("causal", "mlm")
 

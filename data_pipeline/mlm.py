@@ -22,7 +22,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.packing import BlockStream
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 IGNORE_INDEX = -100  # the label of a position that predicts nothing (model/layers.py's IGNORE_INDEX)
 SPECIAL_TOKENS = 2  # [CLS] at the start and [SEP] at the end of every example

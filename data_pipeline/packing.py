@@ -18,7 +18,7 @@ import torch
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DocumentSource, open_source
 from data_pipeline.tokenizer import Tokenizer
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 STATE_VERSION = 1
 # State keys that must equal the current stream's for a restore to continue the same sequence.

@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from data_pipeline.config import DataConfig, expand_files
 from data_pipeline.markers import ARTICLE, to_wiki40b_markers, wiki40b_to_text
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 # Our progress bar is the trainer's; datasets' per-split bars would interleave with it (and with errors).
 datasets.disable_progress_bars()

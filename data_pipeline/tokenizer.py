@@ -25,7 +25,7 @@ import sentencepiece as spm
 from filelock import FileLock
 
 from data_pipeline.config import HF_TOKENIZER_PREFIX, DataConfig, expand_files
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 log = logging.getLogger(__name__)
 

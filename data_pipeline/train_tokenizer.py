@@ -15,7 +15,7 @@ from data_pipeline.config import SOURCES, TOKENIZER_TYPES, DataConfig
 from data_pipeline.tokenizer import Tokenizer, train_from_config
 from data_pipeline.tokenizer import train_tokenizer as _train_tokenizer
 from data_pipeline.writable import check_writable_dir, writable_dir_problem
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def writable_dir_problem(path: str | os.PathLike) -> str | None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.distributed import barrier
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 LATEST = "latest"
 COMPLETE = "complete"

@@ -20,7 +20,7 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from model.config import AttentionConfig, ModelConfig
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 from parallel.layout import PARTITION_METHODS
 
 LR_SCHEDULES = ("linear", "cosine", "constant")

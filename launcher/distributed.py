@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 if TYPE_CHECKING:  # torch is imported where it is used: launcher.slurm runs in the batch step, before any rank
     import torch

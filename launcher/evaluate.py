@@ -25,7 +25,7 @@ import torch
 
 from launcher.config import RunConfig, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

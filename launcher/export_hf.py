@@ -33,7 +33,7 @@ import torch
 
 from launcher.config import RunConfig
 from launcher.hf_checkpoint import load_full_state_dict, locate, to_hf
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 REMOTE_FILE = Path(__file__).resolve().parent / "hf_remote" / "modeling_outeffhop_opt.py"
 REMOTE_MODULE = REMOTE_FILE.stem

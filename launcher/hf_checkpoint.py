@@ -26,7 +26,7 @@ import torch
 
 from launcher.checkpoint import resolve_checkpoint
 from launcher.config import RunConfig, load_config
-from model.errors import ProjectError
+from common.errors import ProjectError
 from model.families import build_model
 
 log = logging.getLogger(__name__)

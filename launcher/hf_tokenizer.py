@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 # sentencepiece_model.proto piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -28,7 +28,7 @@ import torch
 from launcher.config import RunConfig, config_from_dict, load_config
 from launcher.hf_checkpoint import VARIANT_PARAM, check_shapes, expected_shapes, from_hf, save_weights_checkpoint
 from model.config import SOFTMAX_VARIANTS
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

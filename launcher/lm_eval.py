@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 PROJECT_TASKS = {path.stem: path for path in sorted(TASK_DIR.glob("*.yaml"))}

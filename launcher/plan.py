@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from launcher.planner import GIB, GPUS, LayoutChoice, Plan, device_named, layout_of, plan_layout, suggest
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import torch
 from data_pipeline.writable import check_writable_dir
 from launcher.config import RunConfig
 from model.attention import resolve_backend
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 
 def expected_device() -> torch.device:

@@ -45,7 +45,7 @@ from launcher.signals import GracefulStop
 from launcher.slurm import slurm_attempt
 from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
 from model.attention import resolve_backend
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 from model.families import family_of
 from parallel.layout import Layout, validate_layout
 from parallel.random import TRACKER

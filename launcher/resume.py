@@ -15,7 +15,7 @@ import yaml
 
 from launcher.checkpoint import COMPLETE, find_resumable, has_checkpoints, resolve_checkpoint, step_dirs, step_number
 from launcher.config import RunConfig
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 ResumePoint = tuple[Path, str]  # (checkpoints folder, step tag)
 

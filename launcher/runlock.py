@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 LOCK_FILE = "run.lock"
 

@@ -25,7 +25,7 @@ from typing import Mapping
 
 from launcher.config import RunConfig, load_config
 from launcher.distributed import expand_nodelist, slurm_master_port
-from model.errors import ProjectError
+from common.errors import ProjectError
 from parallel.layout import validate_layout
 
 __all__ = ["expand_nodelist", "launch_command", "requeue_decision", "slurm_attempt", "tasks_per_node"]

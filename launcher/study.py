@@ -30,7 +30,7 @@ from typing import Any
 
 from launcher.config import load_config
 from model.config import SOFTMAX_VARIANTS
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 METRICS = ("val_ppl", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm",
            "layer_max_inf_norm", "avg_kurtosis_rest", "max_inf_norm_rest", "sink_head_share", "bos_mass_mean",

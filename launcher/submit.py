@@ -22,7 +22,7 @@ from launcher.config import load_config
 from launcher.distributed import slurm_master_port
 from launcher.signals import GracefulStop
 from launcher.slurm import check_world, threads_per_rank
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 class TrainJob(submitit.helpers.Checkpointable):

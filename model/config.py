@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 MODEL_FAMILIES = ("opt", "bert")  # decoder-only causal LM, encoder with a masked-LM head
 SOFTMAX_VARIANTS = ("softmax", "softmax1", "clipped_softmax", "clipped_softmax1", "learnable_sink")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from launcher.distributed import barrier
-from model.errors import ConfigError
+from common.errors import ConfigError
 from outliers.report import (EvalSettings, calibration_blocks, evaluate_model, model_from_state, one_line,
                              validation_examples, write_result)
 

@@ -42,7 +42,7 @@ from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
 from model.attention import MultiHeadAttention, _causal_mask
-from model.errors import ProjectError
+from common.errors import ProjectError
 from model.families import family_of
 from model.softmax import probabilities
 

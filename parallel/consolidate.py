@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 from parallel.sharding import merge_shards
 
 StateDict = dict[str, torch.Tensor]

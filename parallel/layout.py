@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 # How DeepSpeed splits the layer list over pipeline stages: "layers" balances the model's repeated blocks
 # (OPT decoder layers, BERT encoder layers; DeepSpeed's "type:<class>"), the others are DeepSpeed's own.

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 NameMap = Callable[[str], str]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from model.attention import supported_backends
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.families import build_model, family_of
 
 VARIANTS = [dict(variant="softmax"), dict(variant="softmax1"), dict(variant="clipped_softmax"),

@@ -22,7 +22,7 @@ from launcher.export_hf import main as export_main
 from launcher.hf_checkpoint import expected_shapes, from_hf, init_state, save_weights_checkpoint, to_hf
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
-from model.errors import ProjectError
+from common.errors import ProjectError
 from test_export_hf import SEQ, VOCAB, _error, sp_model, wiki_texts  # noqa: F401 (sp_model: the SentencePiece fixture)
 
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from data_pipeline import BlockStream, DataConfig, load_or_train_tokenizer, open
 from data_pipeline.bigram import BigramBackcopySource, count_bigrams, table_from_counts, wiki_bigram_counts
 from data_pipeline.char_tokenizer import ALPHABET, FIRST_CHAR_ID, CharTokenizer
 from data_pipeline.examples import train_examples
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 
 @pytest.fixture(scope="module")

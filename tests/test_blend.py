@@ -15,7 +15,7 @@ from data_pipeline.blend import BlendStream
 from data_pipeline.config import DataConfig, blend_parts
 from data_pipeline.examples import eval_examples, eval_examples_by_source, train_examples
 from data_pipeline.tokenizer import load_or_train_tokenizer
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 A_WORDS = ["apple", "apricot", "avocado", "almond", "anchor", "arrow", "amber", "atlas"]
 Z_WORDS = ["zebra", "zinc", "zone", "zigzag", "zenith", "zircon", "zodiac", "zucchini"]

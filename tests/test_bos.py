@@ -16,7 +16,7 @@ from data_pipeline.blend import BlendStream
 from data_pipeline.config import blend_parts
 from data_pipeline.examples import calibration_examples, eval_examples, train_examples
 from launcher.config import load_config
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 WORDS = "the cat sat on a mat while the river ran past old stone walls in summer light".split()
 

@@ -15,7 +15,7 @@ from conftest import run_pretrain, tiny_overrides, train_losses
 from launcher.checkpoint import COMPLETE, LATEST, read_latest, save_checkpoint
 from launcher.pretrain import main
 from launcher.resume import resume_point
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 

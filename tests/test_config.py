@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launcher.config import config_from_dict, load_config, save_config
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("opt_*.yaml"))
 PUBLISHED_SHAPES = {  # OPT paper, table 1: layers, heads, d_model

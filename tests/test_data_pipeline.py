@@ -38,7 +38,7 @@ from data_pipeline.sources import (
     build_wiki_sample,
     wiki_sample_split,
 )
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog sat on a mat while river stone light bright morning evening city north south old new "

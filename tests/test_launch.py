@@ -17,7 +17,7 @@ from conftest import REPO, run_pretrain, tiny_overrides, train_losses
 from launcher.checkpoint import read_latest, resolve_checkpoint, save_checkpoint
 from launcher.distributed import export_torch_env, world_from_env
 from launcher.slurm import expand_nodelist, launch_command, tasks_per_node
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def test_nodelist_expansion() -> None:
@@ -172,7 +172,7 @@ def test_process_group_of_another_size_stops_with_one_line(tmp_path: Path) -> No
     code = f"""
 import torch.distributed as dist
 from launcher.distributed import WorldInfo, init_process_group
-from model.errors import ProjectError
+from common.errors import ProjectError
 dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
 try:
     init_process_group(WorldInfo(rank=0, world_size=2, local_rank=0, source="srun (SLURM_PROCID/SLURM_NTASKS)"))

@@ -112,7 +112,7 @@ def test_bad_input_is_one_line(trained_run: Path, capsys: pytest.CaptureFixture[
 ])
 def test_config_rejects_bad_lm_eval_settings(overrides: list[str], message: str) -> None:
     from launcher.config import load_config
-    from model.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("configs/opt_tiny.yaml", overrides)

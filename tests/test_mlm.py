@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline import DataConfig, Tokenizer, eval_examples, train_examples, train_tokenizer
 from data_pipeline.mlm import IGNORE_INDEX, Masker, MaskingRule
-from model.errors import ConfigError, ProjectError
+from common.errors import ConfigError, ProjectError
 from tests.test_data_pipeline import expected_stream, make_docs, write_parquet
 
 

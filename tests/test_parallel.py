@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, free_port
 from parallel_worker import CLIP, STEPS
 from model.config import ModelConfig
-from model.errors import ConfigError
+from common.errors import ConfigError
 from parallel.layout import validate_layout
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

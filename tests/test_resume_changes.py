@@ -16,7 +16,7 @@ from launcher.pretrain import main
 from launcher.config import RunConfig
 from launcher.resume import config_changes, resume_point
 from launcher.schedule import lr_at
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from launcher import study
-from model.errors import ProjectError
+from common.errors import ProjectError
 
 
 def test_variant_names_map_to_config_overrides() -> None:

@@ -1,0 +1,251 @@
+"""A model family is one spec object: everything family-specific, in the family's own package.
+
+torchtitan's principle (a model is a `TrainSpec`: model, parallelize/pipeline, conversion) with nanoGPT's
+readability. The launcher, parallel engine, outlier evaluation, study, planner and export code never branch
+on a family's name; they ask its spec:
+
+    spec = family_of(cfg.model)                  # or spec_for("opt")
+    model = spec.build(cfg.model, seq_length)    # single process, or tensor-parallel with a `layers` factory
+    data = spec.data(cfg, dp_rank, dp_world)     # resumable training stream + this rank's validation examples
+    batch = spec.collate(examples)               # a typed Batch(inputs, labels), not a bare tensor
+    loss = model(batch.inputs, labels=batch.labels)
+
+Families register themselves with `register_family(spec)`. The built-in ones (`model/opt/`, `model/bert/`,
+`model/vit/`, `model/stanhop/`) are imported on first lookup. A family outside this repository is named in a
+config as `model.family: package.module:SPEC` (the spec object's import path) and is imported and registered
+the first time it is looked up, in every process (`launcher.pretrain` under `deepspeed` included).
+
+A new family is one package: subclass `FamilySpec`, fill in what it supports, register it. Everything not
+overridden either has a family-neutral default (loss-weighted metrics, no pipeline, no HF export) or says
+in one line that the family does not support it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from model.layers import LocalLayers
+
+# Built-in families, imported lazily (model packages pull in heavy dependencies such as timm or entmax).
+BUILTIN_FAMILIES = {"opt": "model.opt", "bert": "model.bert", "vit": "model.vit", "stanhop": "model.stanhop"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A micro-batch as the model takes it: `model(batch.inputs, labels=batch.labels)` returns the mean loss.
+
+    inputs: token ids [B, T] (OPT, BERT: masked ids), pixels [B, C, H, W] (ViT), series [B, L, N] (STanHop).
+    labels: what the loss compares against (shape decided by the family); -100 marks positions without a target.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.inputs.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels): what DeepSpeed's pipeline engine takes from its data iterator."""
+        return self.inputs, self.labels
+
+
+class ResumableStream(Protocol):
+    """An endless iterator of examples whose position is part of a checkpoint."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FamilyData:
+    """What one data-parallel rank trains and validates on."""
+
+    train: ResumableStream  # endless, resumable examples of this rank
+    validation: list[Any]  # this rank's fixed validation examples (global example i goes to rank i % dp_world)
+    tokenizer: Any = None  # text families: the run's tokenizer (lm-eval, export); None otherwise
+    # A blend's validation examples per source name, for per-source metrics ({} for one source).
+    validation_by_source: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A validation metric a family reports next to the loss (`val_<name>` in logs, summary, TensorBoard)."""
+
+    name: str  # e.g. "ppl", "top1", "mse"
+    label: str  # printed name, e.g. "ppl", "top-1", "MSE"
+    higher_is_better: bool = False
+    fmt: str = ".2f"
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """A family's DeepSpeed pipeline: LayerSpecs in order, the loss of the last stage, the repeated block's
+    class name (partition method `type:<layer_class>`)."""
+
+    specs: list[Any]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layer_class: str
+
+
+class FamilySpec(ABC):
+    """Everything specific to one model family. Subclass it in `model/<family>/` and register an instance."""
+
+    name: ClassVar[str]
+    model_config_class: ClassVar[type]  # the `model:` section (a dataclass with family, attention, validate())
+    data_config_class: ClassVar[type]  # the `data:` section
+    metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
+    layer_class: ClassVar[str] = ""  # the repeated block (pipeline partitioning, activation checkpointing)
+    causal_lm: ClassVar[bool] = False  # lm-eval and data.bos need a causal language model
+    supports_tensor_parallel: ClassVar[bool] = True
+    supports_pipeline: ClassVar[bool] = True
+    ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
+
+    # ------------------------------------------------------------------ model and config
+    @abstractmethod
+    def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
+        """The single-process model (or, with a tensor-parallel `layers` factory, this rank's shard)."""
+
+    def validate_run(self, cfg: Any) -> None:
+        """Checks across sections of a run config (e.g. data length vs the model's positions)."""
+
+    def example_length(self, cfg: Any) -> int:
+        """Positions per example that the model attends over (tokens, patches + class token, segments)."""
+        return int(cfg.data.seq_length)
+
+    # ------------------------------------------------------------------ data
+    @abstractmethod
+    def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
+        """The training stream and validation examples of one data-parallel rank (bad input: ProjectError)."""
+
+    @abstractmethod
+    def calibration_examples(self, cfg: Any, count: int) -> list[Any]:
+        """The first `count` training examples from the stream's seeded start (W8A8 calibration)."""
+
+    def validation_examples(self, cfg: Any) -> list[Any]:
+        """Every validation example of an outlier evaluation (one process, eval.max_blocks of them)."""
+        return self.data(cfg).validation
+
+    @abstractmethod
+    def collate(self, examples: list[Any]) -> Batch:
+        """Stack examples into a Batch."""
+
+    def train_batch_transform(self, cfg: Any) -> Callable[[Batch], Batch] | None:
+        """A batch-level training augmentation (e.g. mixup), or None."""
+        return None
+
+    # ------------------------------------------------------------------ loss and metrics
+    @abstractmethod
+    def num_targets(self, batch: Batch) -> int:
+        """How many predictions the batch's mean loss averages over (its weight in a weighted mean)."""
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """Additive sums of one evaluation batch: at least `loss_sum` (loss x targets) and `targets`."""
+        targets = self.num_targets(batch)
+        return {"loss_sum": float(model(batch.inputs, labels=batch.labels)) * targets, "targets": float(targets)}
+
+    def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Summed eval_sums over batches and ranks -> {"loss", metric names...}. Default: perplexity."""
+        loss = sums["loss_sum"] / max(sums["targets"], 1.0)
+        return {"loss": loss, **self.metrics_from_loss(loss)}
+
+    def metrics_from_loss(self, loss: float) -> dict[str, float]:
+        """Metrics that follow from the mean loss alone (what a pipeline's last stage can report)."""
+        return {"ppl": math.exp(loss) if loss < 700 else float("inf")} if any(
+            m.name == "ppl" for m in self.metrics) else {}
+
+    # ------------------------------------------------------------------ parallel layouts
+    def pipeline(self, cfg: Any, seq_length: int, layers: LocalLayers) -> PipelineParts:
+        raise ConfigError("parallel.pipeline", ">1", f"is not supported by model.family={self.name}")
+
+    def canonical_name(self, name: str, cfg: Any) -> str:
+        """A PipelineModule parameter name -> the single-process model's name."""
+        raise NotImplementedError(f"{self.name} has no pipeline")
+
+    def check_layout(self, cfg: Any, tensor: int, pipeline: int) -> None:
+        """One line when the family cannot run this layout (e.g. heads not divisible by TP)."""
+        if tensor > 1 and not self.supports_tensor_parallel:
+            raise ConfigError("parallel.tensor", tensor, f"must be 1: model.family={self.name} has no tensor "
+                              "parallelism (it is small enough for data parallelism)")
+        if pipeline > 1 and not self.supports_pipeline:
+            raise ConfigError("parallel.pipeline", pipeline, f"must be 1: model.family={self.name} has no pipeline "
+                              "parallelism (it is small enough for data parallelism)")
+
+    # ------------------------------------------------------------------ outliers and quantization
+    @abstractmethod
+    def outlier_modules(self, model: nn.Module) -> dict[str, str]:
+        """Statistics name -> kind: the activations the outlier protocol hooks (outliers/stats.py names)."""
+
+    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
+        """Per-layer statistics name prefix -> the kinds of one layer, in table order (heatmaps, tables)."""
+        return {}
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Each layer's attention module, in order (attention-sink metrics); [] if none."""
+        from model.attention import MultiHeadAttention
+
+        return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+
+    # ------------------------------------------------------------------ cost
+    @abstractmethod
+    def flops_per_example(self, cfg: Any) -> float:
+        """Training FLOPs (forward + backward) of one example (PaLM's 6N + attention accounting)."""
+
+    # ------------------------------------------------------------------ export
+    hf: ClassVar[Any] = None  # the Hugging Face / timm adapter (model/<family>/hf.py), or None: no export
+
+
+_REGISTRY: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec, name: str | None = None) -> FamilySpec:
+    """Make `spec` known under `name` (default spec.name); re-registering a name replaces it."""
+    _REGISTRY[name or spec.name] = spec
+    return spec
+
+
+def known_families() -> list[str]:
+    return sorted(set(_REGISTRY) | set(BUILTIN_FAMILIES))
+
+
+def spec_for(name: str) -> FamilySpec:
+    """The family registered as `name`: a built-in family, or `package.module:ATTR` (imported on first use)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in BUILTIN_FAMILIES:
+        importlib.import_module(BUILTIN_FAMILIES[name])  # the package registers its spec
+        return _REGISTRY[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            spec = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError("model.family", name, f"cannot be imported ({error})") from None
+        if not isinstance(spec, FamilySpec):
+            raise ConfigError("model.family", name, "does not name a model.family.FamilySpec instance")
+        return register_family(spec, name)
+    raise ConfigError("model.family", name, f"must be one of {', '.join(known_families())} or package.module:SPEC")
+
+
+def family_of(model_cfg: Any) -> FamilySpec:
+    """The spec of a model config (anything with a `family` attribute, e.g. cfg.model)."""
+    return spec_for(model_cfg.family)
+
+
+def build_model(cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
+    """The single-process (or, with a TP `layers` factory, tensor-parallel) model of `cfg.family`."""
+    return family_of(cfg).build(cfg, seq_length=seq_length, layers=layers)
