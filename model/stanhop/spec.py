@@ -1,0 +1,171 @@
+"""The STanHop-Net family's spec: multivariate long-horizon forecasting on sliding windows of a CSV."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+from model.family import Batch, FamilyData, FamilySpec, Metric
+from model.layers import LocalLayers
+
+from model.stanhop.config import StanhopConfig
+from model.stanhop.data import SplitWindows, StanhopDataConfig, WindowStream, load_table
+
+# Per-layer statistics: kind -> module name relative to encoder.{j} / decoder.{j} (None: the layer's output).
+# The Hopfield layers' outputs (the OutEffHop protocol's modules for STanHop) and each layer's output.
+ENCODER_MODULES: dict[str, str | None] = {
+    "time_hopfield": "block.time_hopfield",
+    "series_pooling": "block.series_pooling",
+    "series_hopfield": "block.series_hopfield",
+    "layer_out": None,
+}
+DECODER_MODULES: dict[str, str | None] = {**{k: v for k, v in ENCODER_MODULES.items() if v},
+                                          "cross_hopfield": "cross_hopfield", "layer_out": None}
+ENCODER_PREFIX, DECODER_PREFIX = "encoder.", "decoder."
+
+
+def _windows(cfg: Any, split: str) -> SplitWindows:
+    """One split's windows; the CSV's series must be the ones model.num_series says."""
+    model, data = cfg.model, cfg.data
+    table = load_table(data, model.in_len, model.out_len)
+    if len(table.columns) != model.num_series:
+        raise ConfigError("model.num_series", model.num_series,
+                          f"must equal the {len(table.columns)} series of {table.path} ({', '.join(table.columns)})")
+    return SplitWindows(table, split, model.in_len, model.out_len)
+
+
+class StanhopSpec(FamilySpec):
+    name = "stanhop"
+    objective = "forecasting"
+    model_config_class = StanhopConfig
+    data_config_class = StanhopDataConfig
+    metrics = (Metric("mse", "MSE", fmt=".4f"), Metric("mae", "MAE", fmt=".4f"))
+    layer_class = "EncoderScale"
+    supports_tensor_parallel = False
+    supports_pipeline = False
+    ptq_weight_range = "minmax"  # small per-tensor weights; no OutEffHop recipe says otherwise
+
+    # ------------------------------------------------------------------ model and config
+    def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
+        from model.stanhop.model import STanHopNet
+
+        if layers is not None and getattr(layers, "tp_world", 1) > 1:
+            raise ConfigError("parallel.tensor", layers.tp_world, "must be 1: model.family=stanhop has no tensor "
+                              "parallelism (it is small enough for data parallelism)")
+        return STanHopNet(cfg)
+
+    def validate_run(self, cfg: Any) -> None:
+        cfg.data.validate()
+
+    def example_length(self, cfg: Any) -> int:
+        return int(cfg.model.in_segments)  # segments per series that the time Hopfield layers associate
+
+    # ------------------------------------------------------------------ data
+    def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
+        train = WindowStream(_windows(cfg, "train"), cfg.data.seed, dp_rank, dp_world)
+        validation = self.validation_examples(cfg)
+        return FamilyData(train=train, validation=validation[dp_rank::dp_world])
+
+    def validation_examples(self, cfg: Any) -> list[Any]:
+        windows = _windows(cfg, "validation")
+        return [windows[i] for i in windows.evenly_spaced(cfg.data.max_validation_windows)]
+
+    def test_examples(self, cfg: Any) -> list[Any]:
+        """Every window of the test split (the papers' reported numbers)."""
+        windows = _windows(cfg, "test")
+        return [windows[i] for i in range(len(windows))]
+
+    def calibration_examples(self, cfg: Any, count: int) -> list[Any]:
+        stream = WindowStream(_windows(cfg, "train"), cfg.data.seed)
+        return [next(stream) for _ in range(count)]
+
+    def collate(self, examples: list[Any]) -> Batch:
+        inputs, targets = zip(*examples)
+        return Batch(torch.stack(inputs), torch.stack(targets))
+
+    def synthetic_batch(self, cfg: Any, generator: torch.Generator) -> Batch:
+        size = int(cfg.train.micro_batch_size)
+        model = cfg.model
+        return Batch(torch.randn(size, model.in_len, model.num_series, generator=generator),
+                     torch.randn(size, model.out_len, model.num_series, generator=generator))
+
+    # ------------------------------------------------------------------ loss and metrics
+    def num_targets(self, batch: Batch) -> int:
+        return int(batch.labels.numel())
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        forecast = model(batch.inputs).float()
+        error = forecast - batch.labels.float()
+        return {"loss_sum": float(error.square().sum()), "abs_sum": float(error.abs().sum()),
+                "targets": float(error.numel())}
+
+    def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        targets = max(sums["targets"], 1.0)
+        mse = sums["loss_sum"] / targets
+        return {"loss": mse, "mse": mse, "mae": sums.get("abs_sum", float("nan")) / targets}
+
+    def metrics_from_loss(self, loss: float) -> dict[str, float]:
+        return {"mse": loss}
+
+    def reference_values(self, cfg: Any) -> dict[str, float]:
+        """The naive last-value forecast (repeat the last input step) on the validation split."""
+        return naive_last_value(self.validation_examples(cfg))
+
+    # ------------------------------------------------------------------ outliers and quantization
+    def outlier_modules(self, model: nn.Module) -> dict[str, str]:
+        names: dict[str, str] = {}
+        for prefix, layers, modules in ((ENCODER_PREFIX, model.encoder, ENCODER_MODULES),
+                                        (DECODER_PREFIX, model.decoder, DECODER_MODULES)):
+            for j in range(len(layers)):
+                for kind, suffix in modules.items():
+                    names[f"{prefix}{j}" + (f".{suffix}" if suffix else "")] = kind
+        return names
+
+    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
+        return {ENCODER_PREFIX: tuple(ENCODER_MODULES), DECODER_PREFIX: tuple(DECODER_MODULES)}
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return []  # Hopfield layers, not model.attention.MultiHeadAttention: no attention-sink metrics
+
+    def quantize(self, model: nn.Module, settings: Any) -> nn.Module:
+        """The W8A8 fake-quantized copy (model/stanhop/ptq.py); calibrate it with outliers.ptq.calibrate."""
+        from model.stanhop.ptq import quantize_stanhop
+
+        return quantize_stanhop(model, settings)
+
+    # ------------------------------------------------------------------ cost
+    def flops_per_example(self, cfg: Any) -> float:
+        """Measured, not modelled: torch's FLOP counter over one forward (matmuls), times 3 for training."""
+        key = repr(cfg.model)
+        if key not in _FLOPS:
+            _FLOPS[key] = _count_flops(cfg.model)
+        return _FLOPS[key]
+
+
+_FLOPS: dict[str, float] = {}  # model config repr -> training FLOPs of one example
+
+
+def _count_flops(model_cfg: StanhopConfig) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.stanhop.model import STanHopNet
+
+    model = STanHopNet(model_cfg).eval().requires_grad_(False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, model_cfg.in_len, model_cfg.num_series))
+    return 3.0 * float(counter.get_total_flops())
+
+
+def naive_last_value(examples: list[Any]) -> dict[str, float]:
+    """MSE and MAE of forecasting every horizon step as the last input step."""
+    squared = absolute = count = 0.0
+    for inputs, targets in examples:
+        error = targets - inputs[-1:]
+        squared += float(error.square().sum())
+        absolute += float(error.abs().sum())
+        count += error.numel()
+    return {"naive_last_mse": squared / max(count, 1.0), "naive_last_mae": absolute / max(count, 1.0)}
