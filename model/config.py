@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.errors import ConfigError
+from model import variants
 
 MODEL_FAMILIES = ("opt", "bert")  # decoder-only causal LM, encoder with a masked-LM head
-SOFTMAX_VARIANTS = ("softmax", "softmax1", "clipped_softmax", "clipped_softmax1", "learnable_sink")
+# The built-in attention variants (model/variants.py registers them; a config may also name
+# `package.module:NAME`).
+SOFTMAX_VARIANTS = variants.names()
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "triton")
 GATE_TYPES = ("linear", "mlp")
 
@@ -21,6 +25,10 @@ class AttentionConfig:
     gamma: float = -0.025
     zeta: float = 1.0
     alpha: float | None = None
+    # entmax: the initial alpha of every head (learned per head, in (1, 2)).
+    entmax_alpha: float = 1.5
+    # Settings of a variant that has no field here (e.g. one registered outside this repository), by key.
+    params: dict[str, Any] = field(default_factory=dict)
     # Gated attention ("conditional per token"): an orthogonal flag that works with every variant.
     gated: bool = False
     gate_type: str = "linear"
@@ -28,8 +36,7 @@ class AttentionConfig:
     gate_init_prob: float = 0.25
 
     def validate(self) -> None:
-        if self.variant not in SOFTMAX_VARIANTS:
-            raise ConfigError("attention.variant", self.variant, f"must be one of {', '.join(SOFTMAX_VARIANTS)}")
+        variants.check_config(self)  # the variant and its settings
         if self.backend not in ATTENTION_BACKENDS:
             raise ConfigError("attention.backend", self.backend, f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         if self.gate_type not in GATE_TYPES:
@@ -38,19 +45,10 @@ class AttentionConfig:
             raise ConfigError("attention.gate_init_prob", self.gate_init_prob, "must lie strictly between 0 and 1")
         if self.gate_hidden <= 0:
             raise ConfigError("attention.gate_hidden", self.gate_hidden, "must be positive")
-        if self.zeta < 1.0:
-            raise ConfigError("attention.zeta", self.zeta, "must be >= 1 (zeta < 1 can never reach probability 1)")
-        if self.gamma > 0.0:
-            raise ConfigError("attention.gamma", self.gamma, "must be <= 0 (gamma > 0 can never reach probability 0)")
-        if self.alpha is not None and self.alpha < 0:
-            raise ConfigError("attention.alpha", self.alpha, "must be >= 0")
 
-    def variant_params(self, seq_length: int) -> dict[str, float]:
-        """Keyword arguments that `scaled_dot_product` takes for this variant."""
-        if self.variant.startswith("clipped"):
-            gamma = -self.alpha / seq_length if self.alpha is not None else self.gamma
-            return {"gamma": gamma, "zeta": self.zeta}
-        return {}
+    def variant_params(self, seq_length: int) -> dict[str, Any]:
+        """Keyword arguments that `scaled_dot_product` takes for this variant (its settings, resolved)."""
+        return variants.keywords_of(self, seq_length)
 
 
 @dataclass

@@ -30,44 +30,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import scaled_dot_product
-from model.softmax import softmax, softmax1
+from model import variants
+from model.softmax import sparsemax  # noqa: F401 (part of this module's API)
 
 Separation = Callable[[torch.Tensor], torch.Tensor]
 SeparationSpec = Union[str, Separation]
 NORMALIZE_TARGETS = ("state", "stored", "projection")
 
 
-def sparsemax(logits: torch.Tensor) -> torch.Tensor:
-    """Sparsemax (Martins & Astudillo, 2016): Euclidean projection of the logits onto the simplex.
-
-    Gives exact zeros to weak patterns (the sparse Hopfield model). -inf entries (masked) get 0; a fully
-    masked row gives zeros, like the project's softmax. Differentiable through autograd (piecewise linear).
-    """
-    masked = torch.isneginf(logits)
-    fully_masked = masked.all(dim=-1, keepdim=True)
-    # Sorting puts -inf last; they never enter the support because 1 + k * (-inf) > cumsum is False.
-    z_sorted, _ = torch.sort(logits, dim=-1, descending=True)
-    k = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=logits.dtype)
-    cumsum = z_sorted.cumsum(dim=-1)
-    support = (1 + k * z_sorted) > cumsum
-    support_size = support.sum(dim=-1, keepdim=True).clamp(min=1)
-    tau = (cumsum.gather(-1, support_size - 1) - 1) / support_size.to(logits.dtype)
-    probs = torch.clamp(logits - tau, min=0.0)
-    return torch.where(fully_masked | masked, torch.zeros_like(probs), probs)
-
-
-SEPARATIONS: dict[str, Separation] = {"softmax": softmax, "softmax1": softmax1, "sparsemax": sparsemax}
-# Separations that model.attention runs with its fused backends (sdpa/triton); others run eagerly here.
-_ATTENTION_VARIANTS = frozenset({"softmax", "softmax1"})
-
-
 def resolve_separation(separation: SeparationSpec) -> tuple[str | None, Separation]:
-    """(name, function) for a separation given by name or as a callable logits -> weights (over the last dim)."""
+    """(name, function) for a separation given by name (an attention variant of model/variants.py, its
+    learned parameters at their initial values: e.g. `sparsemax`, `entmax` with alpha 1.5) or as a callable
+    logits -> weights (over the last dim)."""
     if callable(separation):
         return None, separation
-    if separation not in SEPARATIONS:
-        raise ValueError(f"separation: unknown {separation!r}; use one of {', '.join(SEPARATIONS)} or a callable")
-    return separation, SEPARATIONS[separation]
+    if separation not in variants.names():
+        raise ValueError(f"separation: unknown {separation!r}; use one of {', '.join(variants.names())} or a callable")
+    return separation, variants.get(separation).probabilities
+
+
+SEPARATIONS: dict[str, Separation] = {name: resolve_separation(name)[1] for name in variants.names()}
+
+
+def _fused(separation: str | None) -> bool:
+    """Separations that model.attention runs with its fused backends (sdpa/triton); others run eagerly here."""
+    variant = variants.get(separation) if separation is not None else None
+    return variant is not None and bool(variant.backends) and not variant.head_params
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -329,7 +317,7 @@ class Hopfield(nn.Module):
 
     def _associate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    dropout_p: float) -> torch.Tensor:
-        if self.separation_name in _ATTENTION_VARIANTS:
+        if _fused(self.separation_name):
             # Reuse the project's attention so one step is *the same computation* as softmax1 attention.
             return scaled_dot_product(q, k, v, variant=self.separation_name, causal=False, backend=self.backend,
                                       attn_mask=mask, dropout_p=dropout_p, scale=self.beta)

@@ -1,38 +1,20 @@
 """Eager softmax variants: the numerically stable reference every fused backend is checked against.
 
-All functions take logits whose masked entries are already -inf and normalise over the last dim.
+All functions take logits whose masked entries are already -inf and normalise over the last dim; a row
+that may attend to no key gets zeros. The OutEffHop variants are defined once, in the self-contained file
+every Hugging Face export ships (launcher/hf_remote/outeffhop_attention.py, which imports only torch), so
+the training code and the exports compute the same probabilities. `probabilities` dispatches through the
+variant registry (model/variants.py).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-
-def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Vanilla softmax; a fully masked row gives zeros instead of NaN."""
-    row_max = logits.amax(dim=-1, keepdim=True)
-    fully_masked = torch.isneginf(row_max)
-    shifted = logits - torch.where(fully_masked, torch.zeros_like(row_max), row_max)
-    exp = torch.exp(shifted)
-    denom = exp.sum(dim=-1, keepdim=True)
-    return exp / torch.where(fully_masked, torch.ones_like(denom), denom)
-
-
-def softmax_with_sink(logits: torch.Tensor, sink_logit: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """exp(x_i) / (exp(b) + sum_j exp(x_j)): a softmax over the row plus one implicit "no-op" logit b.
-
-    b = 0 is softmax1 (OutEffHop); a learnable per-head b is the "learnable sink". Stable form with
-    m = max(max_j x_j, b): exp(x_i - m) / (sum_j exp(x_j - m) + exp(b - m)). A fully masked row gives zeros.
-    """
-    sink = torch.as_tensor(sink_logit, dtype=logits.dtype, device=logits.device)
-    row_max = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
-    exp = torch.exp(logits - row_max)
-    return exp / (exp.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max))
-
-
-def softmax1(logits: torch.Tensor) -> torch.Tensor:
-    """softmax1(x)_i = exp(x_i) / (1 + sum_j exp(x_j)) (OutEffHop's separation function)."""
-    return softmax_with_sink(logits, 0.0)
+from launcher.hf_remote.outeffhop_attention import clip_probabilities, softmax, softmax1, softmax_with_sink
 
 
 def softmax_n(logits: torch.Tensor, n: float) -> torch.Tensor:
@@ -42,24 +24,58 @@ def softmax_n(logits: torch.Tensor, n: float) -> torch.Tensor:
     return softmax_with_sink(logits, float(torch.log(torch.tensor(float(n)))))
 
 
-def clip_probabilities(probs: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
-    """Clipped softmax stretch-and-clip: clip((zeta - gamma) * p + gamma, 0, 1) (Bondarenko et al., 2023)."""
-    return torch.clamp((zeta - gamma) * probs + gamma, 0.0, 1.0)
+def _on_unmasked_rows(logits: torch.Tensor, normaliser: Any) -> torch.Tensor:
+    """`normaliser` on every row that may attend somewhere; zeros on fully masked rows (the entmax package's
+    functions would divide by an empty support there)."""
+    fully_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = normaliser(logits.masked_fill(fully_masked, 0.0))
+    return probs.masked_fill(fully_masked, 0.0)
 
 
-def probabilities(logits: torch.Tensor, variant: str, *, sink_logit: torch.Tensor | None = None,
-                  gamma: float = -0.025, zeta: float = 1.0) -> torch.Tensor:
-    """Attention probabilities for a named variant (see model.config.SOFTMAX_VARIANTS)."""
-    if variant == "softmax":
-        return softmax(logits)
-    if variant == "softmax1":
-        return softmax1(logits)
-    if variant == "clipped_softmax":
-        return clip_probabilities(softmax(logits), gamma, zeta)
-    if variant == "clipped_softmax1":
-        return clip_probabilities(softmax1(logits), gamma, zeta)
-    if variant == "learnable_sink":
-        if sink_logit is None:
-            raise ValueError("variant 'learnable_sink' needs sink_logit (one logit per head)")
-        return softmax_with_sink(logits, sink_logit)
-    raise ValueError(f"unknown softmax variant {variant!r}")
+def sparsemax(logits: torch.Tensor) -> torch.Tensor:
+    """Sparsemax (Martins & Astudillo, 2016), the entmax package's: Euclidean projection of the logits onto
+    the simplex; gives exact zeros to weak keys. -inf entries get 0, a fully masked row zeros."""
+    import entmax
+
+    return _on_unmasked_rows(logits, lambda x: entmax.sparsemax(x, dim=-1))
+
+
+DEFAULT_ENTMAX_ALPHA = 1.5
+
+
+def entmax_alpha(alpha_logit: torch.Tensor | float) -> torch.Tensor:
+    """alpha = 1 + sigmoid(alpha_logit) in (1, 2): the adaptively sparse transformer's parameterisation
+    (Correia et al., 2019), which keeps alpha between softmax (1) and sparsemax (2)."""
+    return 1.0 + torch.sigmoid(torch.as_tensor(alpha_logit))
+
+
+def alpha_logit(alpha: float) -> float:
+    """The logit whose `entmax_alpha` is `alpha` (1 < alpha < 2)."""
+    return math.log((alpha - 1.0) / (2.0 - alpha))
+
+
+def entmax(logits: torch.Tensor, alpha_logit: torch.Tensor | float | None = None) -> torch.Tensor:
+    """alpha-entmax (Peters et al., 2019) by the entmax package's bisection, differentiable in the logits and
+    in alpha = 1 + sigmoid(alpha_logit) (broadcastable to the logits without their last dim, e.g. one per
+    head as [heads, 1, 1]; None: alpha = 1.5). -inf entries get 0, a fully masked row zeros."""
+    import entmax as entmax_package
+
+    if alpha_logit is None:
+        alpha = torch.tensor(DEFAULT_ENTMAX_ALPHA, dtype=logits.dtype, device=logits.device)
+    else:
+        alpha = entmax_alpha(alpha_logit).to(device=logits.device, dtype=logits.dtype)
+    alpha = alpha.expand(*logits.shape[:-1], 1) if alpha.dim() else alpha
+    return _on_unmasked_rows(logits, lambda x: entmax_package.entmax_bisect(x, alpha, dim=-1))
+
+
+def probabilities(logits: torch.Tensor, variant: str, **params: Any) -> torch.Tensor:
+    """Attention probabilities of a registered variant (model/variants.py): `params` are its settings
+    (clipped: gamma, zeta) and learned per-head tensors (learnable_sink: sink_logit), broadcastable to the
+    logits; settings of other variants are ignored, missing ones take their defaults."""
+    from model import variants
+
+    return variants.get(variant).probabilities(logits, **params)
+
+
+__all__ = ["softmax", "softmax1", "softmax_with_sink", "softmax_n", "clip_probabilities", "sparsemax", "entmax",
+           "entmax_alpha", "alpha_logit", "probabilities"]

@@ -291,7 +291,7 @@ def test_shape_and_argument_errors_are_one_line_and_name_the_argument() -> None:
     _one_line_value_error(lambda: layer(s, st, association_mask=torch.ones(2, 3, 3, 5, dtype=torch.bool)),
                           "association_mask", "(2, 3, 3, 5)")
     _one_line_value_error(lambda: Hopfield(10, num_heads=3), "hidden_size", "10", "3")
-    _one_line_value_error(lambda: Hopfield(8, separation="entmax"), "separation", "entmax")
+    _one_line_value_error(lambda: Hopfield(8, separation="bogus"), "separation", "bogus")
     _one_line_value_error(lambda: Hopfield(8, beta=0.0), "beta")
     _one_line_value_error(lambda: Hopfield(8, update_steps=0), "update_steps")
     _one_line_value_error(lambda: Hopfield(8, hidden_size=4, state_projection=False), "input_size", "8", "4")

@@ -1,0 +1,15 @@
+"""Named points of a model's forward pass where evaluation may intercept an activation.
+
+A `Tap` computes nothing (an identity without parameters, so state dicts do not change). The families put
+one on every activation the W8A8 protocol quantizes that is not already some module's output: residual
+sums, the embedding sum, and, inside attention's eager path, scores, probabilities and context. Quantized
+evaluation (outliers/ptq.py) swaps Taps for fake-quantizers instead of re-implementing forward passes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Tap(nn.Identity):
+    """An identity marking an activation that quantized evaluation may replace by a quantizer."""
