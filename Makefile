@@ -17,6 +17,8 @@ $(VENV)/.torch:
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install --quiet -e .
+	# PyPI's torchvision is a CUDA build: keep it importable next to the CPU torch (model/vit/torchvision_compat.py).
+	$(PY) -m model.vit.torchvision_compat --install
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
