@@ -164,11 +164,13 @@ def _retrieve(hop: torch.nn.Module, state: torch.Tensor, stored: torch.Tensor, s
 def test_block_equals_library_retrieval_steps(variant: str) -> None:
     torch.manual_seed(0)
     cfg = small_model(variant=variant)
-    block = STanHopBlock(cfg).eval()
+    block = STanHopBlock(cfg, segments=5).eval()
     x = torch.randn(3, 2, 5, cfg.d_model)  # [B, N, S, D]
     if variant == "entmax":
-        alpha = block.time_hopfield.separation.alpha.detach()
-        separation = lambda logits: entmax_bisect(logits, alpha, dim=-1)  # noqa: E731  the entmax package's
+        # Per head alpha = 1 + sigmoid(alpha_logit) (the registry's entmax), the bisection is the entmax package's.
+        alpha = 1 + torch.sigmoid(block.time_hopfield.separation.head_params["alpha_logit"].detach())
+        assert torch.allclose(alpha, torch.tensor(1.5))  # attention.entmax_alpha's initial value
+        separation = lambda logits: entmax_bisect(logits, alpha.expand(*logits.shape[:-1], 1), dim=-1)  # noqa: E731
     else:
         separation = softmax1
     with torch.no_grad():
@@ -197,7 +199,8 @@ def test_every_normaliser_trains(variant: str) -> None:
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(model(x), y))
     loss.backward()
     if variant == "entmax":  # alpha is learned by every Hopfield layer
-        alphas = [m for n, m in model.named_parameters() if n.endswith("pre_alpha")]
+        alphas = [m for n, m in model.named_parameters() if n.endswith("alpha_logit")]
+        assert len(alphas) == 2 * 3 + 2 + 3 * 4  # encoder: 3 per block + memory; decoder: 3 per block + cross
         assert alphas and all(p.grad is not None and p.grad.abs().sum() > 0 for p in alphas)
     if variant == "sparsemax":
         _, weights = model.encoder[0].block.time_hopfield(torch.randn(2, 6, 16), return_association=True)
@@ -252,6 +255,7 @@ def test_w8a8_copy_matches_with_quantizers_off_and_stays_close_calibrated(tmp_pa
     assert 0 < error < 0.05
 
 
+@pytest.mark.slow
 def test_short_training_beats_the_naive_forecast_on_bundled_validation() -> None:
     """100 steps of plain Adam (no launcher) on vic_elec: validation MSE far below repeating the last value."""
     torch.manual_seed(0)

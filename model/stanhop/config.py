@@ -9,33 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError
-from model.config import ATTENTION_BACKENDS, AttentionConfig
+from model.config import AttentionConfig
 
-# The OutEffHop STanHop study's normalisers (its `--mode`): entmax with a learnable alpha is STanHop's own.
+# The OutEffHop STanHop study's normalisers (its `--mode`); any other registered variant works too.
 STANHOP_VARIANTS = ("entmax", "softmax", "softmax1", "sparsemax", "clipped_softmax", "clipped_softmax1")
 
 
 @dataclass
 class StanhopAttentionConfig(AttentionConfig):
-    """The Hopfield layers' normaliser. Clipped variants: clip((zeta - gamma) p + gamma, 0, 1) with OutEffHop's
-    STanHop values (eta = zeta = 1.1, gamma = -0.1)."""
+    """The Hopfield layers' normaliser, from the attention variant registry (model/variants.py). Defaults:
+    STanHop's entmax (alpha learned per head from 1.5); clipped variants with OutEffHop's STanHop values
+    (eta = zeta = 1.1, gamma = -0.1)."""
 
     variant: str = "entmax"
     gamma: float = -0.1
     zeta: float = 1.1
 
     def validate(self) -> None:
-        if self.variant not in STANHOP_VARIANTS:
-            raise ConfigError("attention.variant", self.variant,
-                              f"must be one of {', '.join(STANHOP_VARIANTS)} for model.family=stanhop")
-        if self.backend not in ATTENTION_BACKENDS:
-            raise ConfigError("attention.backend", self.backend, f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        super().validate()
         if self.gated:
-            raise ConfigError("attention.gated", self.gated, "is not supported by model.family=stanhop")
-        if self.zeta < 1.0:
-            raise ConfigError("attention.zeta", self.zeta, "must be >= 1 (zeta < 1 can never reach probability 1)")
-        if self.gamma > 0.0:
-            raise ConfigError("attention.gamma", self.gamma, "must be <= 0 (gamma > 0 can never reach probability 0)")
+            raise ConfigError("attention.gated", self.gated, "is not supported by model.family=stanhop (its Hopfield "
+                              "layers have no gate)")
 
 
 @dataclass
@@ -67,6 +61,13 @@ class StanhopConfig:
     @property
     def out_segments(self) -> int:
         return -(-self.out_len // self.seg_len)
+
+    def scale_segments(self) -> list[int]:
+        """Segments per series at the embedding and after each encoder layer (merging from the second on)."""
+        counts = [self.in_segments, self.in_segments]
+        for _ in range(1, self.num_layers):
+            counts.append(-(-counts[-1] // self.merge_window))
+        return counts
 
     def validate(self) -> None:
         if self.family != "stanhop":

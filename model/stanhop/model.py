@@ -71,16 +71,17 @@ class SegmentMerging(nn.Module):
 class STanHopBlock(nn.Module):
     """The STanHop block on [B, N, S, D] -> [B, N, S, D] (see the module docstring)."""
 
-    def __init__(self, cfg: StanhopConfig) -> None:
+    def __init__(self, cfg: StanhopConfig, segments: int) -> None:
         super().__init__()
         d, heads, p = cfg.d_model, cfg.num_heads, cfg.dropout
-        backend = cfg.attention.backend
-        self.time_hopfield = Hopfield(d, num_heads=heads, separation=make_separation(cfg.attention), dropout=p,
-                                      backend=backend)
-        self.series_pooling = HopfieldPooling(d, quantity=cfg.pool_queries, num_heads=heads,
-                                              separation=make_separation(cfg.attention), dropout=p, backend=backend)
-        self.series_hopfield = Hopfield(d, num_heads=heads, separation=make_separation(cfg.attention), dropout=p,
-                                        backend=backend)
+        backend, attention = cfg.attention.backend, cfg.attention
+        self.time_hopfield = Hopfield(d, num_heads=heads, separation=make_separation(attention, heads, segments),
+                                      dropout=p, backend=backend)
+        self.series_pooling = HopfieldPooling(d, quantity=cfg.pool_queries, num_heads=heads, dropout=p,
+                                              separation=make_separation(attention, heads, cfg.num_series),
+                                              backend=backend)
+        self.series_hopfield = Hopfield(d, num_heads=heads, dropout=p, backend=backend,
+                                        separation=make_separation(attention, heads, cfg.pool_queries))
         self.dropout = nn.Dropout(p)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(d) for _ in range(4))
         self.time_mlp, self.series_mlp = _mlp(d, cfg.d_ff), _mlp(d, cfg.d_ff)
@@ -104,7 +105,8 @@ class MemoryPlugin(nn.Module):
     def __init__(self, cfg: StanhopConfig) -> None:
         super().__init__()
         self.memory = HopfieldLayer(cfg.d_model, cfg.memory_patterns, num_heads=cfg.num_heads,
-                                    separation=make_separation(cfg.attention), dropout=cfg.dropout,
+                                    separation=make_separation(cfg.attention, cfg.num_heads, cfg.memory_patterns),
+                                    dropout=cfg.dropout,
                                     backend=cfg.attention.backend)
         self.norm = nn.LayerNorm(cfg.d_model)
 
@@ -117,10 +119,10 @@ class MemoryPlugin(nn.Module):
 class EncoderScale(nn.Module):
     """One scale of the encoder: optional segment merging, a STanHop block, optional memory plug-in."""
 
-    def __init__(self, cfg: StanhopConfig, merge: bool) -> None:
+    def __init__(self, cfg: StanhopConfig, merge: bool, segments: int) -> None:
         super().__init__()
         self.merge = SegmentMerging(cfg.d_model, cfg.merge_window) if merge else None
-        self.block = STanHopBlock(cfg)
+        self.block = STanHopBlock(cfg, segments)
         self.memory = MemoryPlugin(cfg) if cfg.memory_patterns else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,12 +136,12 @@ class DecoderLayer(nn.Module):
     """A STanHop block on the decoder state, then every output segment retrieves from its series' encoder
     segments at one scale (cross Hopfield), MLP, and a linear head that predicts seg_len steps per segment."""
 
-    def __init__(self, cfg: StanhopConfig) -> None:
+    def __init__(self, cfg: StanhopConfig, memory_segments: int) -> None:
         super().__init__()
         d = cfg.d_model
-        self.block = STanHopBlock(cfg)
-        self.cross_hopfield = Hopfield(d, num_heads=cfg.num_heads, separation=make_separation(cfg.attention),
-                                       dropout=cfg.dropout, backend=cfg.attention.backend)
+        self.block = STanHopBlock(cfg, cfg.out_segments)
+        self.cross_hopfield = Hopfield(d, num_heads=cfg.num_heads, dropout=cfg.dropout, backend=cfg.attention.backend,
+                                       separation=make_separation(cfg.attention, cfg.num_heads, memory_segments))
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
@@ -166,10 +168,11 @@ class STanHopNet(nn.Module):
         self.embed = SegmentEmbedding(cfg.seg_len, d, cfg.in_len)
         self.enc_pos = nn.Parameter(torch.randn(1, cfg.num_series, cfg.in_segments, d))
         self.pre_norm = nn.LayerNorm(d)
-        self.encoder = nn.ModuleList(EncoderScale(cfg, merge=i > 0 and cfg.merge_window > 1)
+        segments = cfg.scale_segments()  # per encoder scale, the embedding's first
+        self.encoder = nn.ModuleList(EncoderScale(cfg, merge=i > 0 and cfg.merge_window > 1, segments=segments[i + 1])
                                      for i in range(cfg.num_layers))
         self.dec_pos = nn.Parameter(torch.randn(1, cfg.num_series, cfg.out_segments, d))
-        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers + 1))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, memory_segments=segments[i]) for i in range(cfg.num_layers + 1))
 
     def forecast(self, series: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -1,76 +1,48 @@
-"""The Hopfield layers' separation function (normaliser), one per STanHop variant.
+"""The Hopfield layers' separation function (normaliser): any variant of the attention registry
+(model/variants.py), with its settings from the `attention:` section and its learned per-head parameters
+held by the Hopfield layer that uses it.
 
-softmax and softmax1 are passed to model.hopfield by name (they run through model.attention's fused
-backends); entmax and sparsemax come from the `entmax` package (Peters et al.'s reference implementation),
-the clipped variants from model.softmax. Each Hopfield layer gets its own instance: entmax's alpha is a
-parameter of the layer, as in STanHop.
+STanHop's own normaliser is alpha-entmax with a learnable alpha (the registry's `entmax`: alpha = 1 +
+sigmoid(a), learned per head, entmax package's bisection); OutEffHop's study swaps in softmax, softmax1,
+sparsemax, clipped softmax and clipped softmax1. Variants with fused backends and nothing to configure or
+learn (softmax, softmax1) are passed to model.hopfield by name, which runs them through model.attention's
+fused kernels; the rest run eagerly through `RegistrySeparation`.
 """
 
 from __future__ import annotations
 
 import torch
-from entmax import entmax_bisect, sparsemax
 from torch import nn
 
+from model import variants
+from model.config import AttentionConfig
 from model.hopfield import SeparationSpec
-from model.softmax import clip_probabilities, softmax, softmax1
-
-from model.stanhop.config import StanhopAttentionConfig
 
 
-class LearnableAlphaEntmax(nn.Module):
-    """alpha-entmax with a learnable alpha = 1 + sigmoid(a) in (1, 2) (STanHop's EntmaxAlpha).
+class RegistrySeparation(nn.Module):
+    """logits [B, H, S, N] -> weights with one registered variant; its per-head parameters ([H, 1, 1], e.g.
+    entmax's alpha_logit, learnable_sink's sink_logit) are this module's parameters, learned with the layer."""
 
-    a starts at 0 (alpha = 1.5, entmax15) rather than STanHop's random draw, so runs differ only by the seed's
-    other draws. The bisection and its gradient in alpha are the entmax package's.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, variant: str, keywords: dict[str, object], num_heads: int, settings: dict[str, object]) -> None:
         super().__init__()
-        self.pre_alpha = nn.Parameter(torch.zeros(1))
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return 1.0 + torch.sigmoid(self.pre_alpha)
+        self.variant, self.keywords = variant, dict(keywords)
+        spec = variants.get(variant)
+        self.head_params = nn.ParameterDict({
+            head.name: nn.Parameter(torch.full((num_heads, 1, 1), float(head.init(settings)))) for head in spec.head_params})
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return entmax_bisect(logits, self.alpha.to(logits.dtype), dim=-1)
+        params = {name: p.to(logits.dtype) for name, p in self.head_params.items()}
+        return variants.get(self.variant).probabilities(logits, **self.keywords, **params)
 
     def extra_repr(self) -> str:
-        return f"alpha={float(self.alpha):.4f}"
+        return f"variant={self.variant}, keywords={self.keywords}"
 
 
-class Sparsemax(nn.Module):
-    """Sparsemax over the last dim (entmax package)."""
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return sparsemax(logits, dim=-1)
-
-
-class ClippedSoftmax(nn.Module):
-    """clip((zeta - gamma) * p + gamma, 0, 1) of softmax or softmax1 probabilities (Bondarenko et al., 2023)."""
-
-    def __init__(self, gamma: float, zeta: float, base: str) -> None:
-        super().__init__()
-        self.gamma, self.zeta, self.base = gamma, zeta, base
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = softmax1(logits) if self.base == "softmax1" else softmax(logits)
-        return clip_probabilities(probs, self.gamma, self.zeta)
-
-    def extra_repr(self) -> str:
-        return f"base={self.base}, gamma={self.gamma}, zeta={self.zeta}"
-
-
-def make_separation(attention: StanhopAttentionConfig) -> SeparationSpec:
-    """A fresh separation for one Hopfield layer: a name model.hopfield knows, or a module (own parameters)."""
-    variant = attention.variant
-    if variant in ("softmax", "softmax1"):
-        return variant
-    if variant == "entmax":
-        return LearnableAlphaEntmax()
-    if variant == "sparsemax":
-        return Sparsemax()
-    if variant in ("clipped_softmax", "clipped_softmax1"):
-        return ClippedSoftmax(attention.gamma, attention.zeta, base=variant.removeprefix("clipped_"))
-    raise ValueError(f"attention.variant: unknown STanHop normaliser {variant!r}")
+def make_separation(attention: AttentionConfig, num_heads: int, num_stored: int) -> SeparationSpec:
+    """A fresh separation for one Hopfield layer with `num_heads` heads over `num_stored` stored patterns
+    (the length clipped variants scale gamma by when attention.alpha is set)."""
+    variant = variants.get(attention.variant)
+    settings = variants.settings_of(attention)
+    if variant.backends and not variant.head_params and not variant.settings:
+        return attention.variant
+    return RegistrySeparation(attention.variant, variants.keywords_of(attention, num_stored), num_heads, settings)
