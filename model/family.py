@@ -200,6 +200,21 @@ class FamilySpec(ABC):
 
         return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
 
+    def ptq_fp32_modules(self, model: nn.Module) -> set[str]:
+        """Module names that W8A8 evaluation keeps in fp32, with everything under them (e.g. an output head).
+        Default: the attention gates (their parameters and sigmoid output are softmax parameters, like the
+        sink logits, which no quantizer touches)."""
+        from model.attention import HeadGate
+
+        return {name for name, module in model.named_modules() if isinstance(module, HeadGate)}
+
+    def ptq_tied_embeddings(self, model: nn.Module) -> set[str]:
+        """Embedding modules whose weight is also the fp32 output head: W8A8 lookups read a quantized copy
+        while the head reads the weight. Default: the one whose weight is `model.lm_head_weight`, if any."""
+        head = getattr(model, "lm_head_weight", None)
+        return {name for name, module in model.named_modules()
+                if head is not None and getattr(module, "weight", None) is head}
+
     # ------------------------------------------------------------------ cost
     @abstractmethod
     def flops_per_example(self, cfg: Any) -> float:

@@ -24,9 +24,15 @@ its bias; the copy's head still reads the fp32 parameters while lookups read a q
 biases (int32 accumulators in a real kernel), the gate's parameters and sigmoid output, and the learnable
 sink logits (softmax parameters, like the gate's).
 
-The attention block is re-run eagerly by `QuantAttention` (scores and probabilities must exist as
-tensors to be quantized, which the fused backends never materialise), causal (OPT) or bidirectional
-(BERT); with every quantizer off the quantized copy computes what the model computes (tested).
+How: `quantize_w8a8` deep-copies the model and swaps modules, never re-implementing a forward pass: every
+Linear -> QuantLinear, LayerNorm -> QuantOutput (its output quantized), Tap (model/taps.py: the residual
+sums, the embedding sum, attention scores / probabilities / context / gated context, BERT's GELU output)
+-> ActQuantizer, the embedding tied to the output head -> QuantEmbedding, any other weight (embedding
+tables, learned positions) quantized in place. The family spec says what stays fp32
+(`ptq_fp32_modules`), which embedding is tied to the head (`ptq_tied_embeddings`) and the weight-range
+recipe (`ptq_weight_range`). Attention runs its eager path in the copy (`MultiHeadAttention.force_eager`:
+scores and probabilities must exist as tensors, which the fused backends never materialise); with every
+quantizer off the quantized copy computes what the model computes (tested).
 """
 
 from __future__ import annotations
@@ -41,14 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
-from model.attention import MultiHeadAttention, _causal_mask
 from common.errors import ProjectError
-from model.families import family_of
-from model.softmax import probabilities
+from model.family import Batch, family_of
+from model.taps import Tap
 
 WEIGHT_RANGES = ("mse", "minmax")
-# "auto": each family's protocol recipe for the weight range.
-FAMILY_WEIGHT_RANGES = {"opt": "mse", "bert": "minmax"}
 
 
 @dataclass(frozen=True)
@@ -248,126 +251,62 @@ class QuantEmbedding(nn.Module):
         return F.embedding(input_ids, self.qweight)
 
 
-class QuantAttention(nn.Module):
-    """Eager re-run of a MultiHeadAttention (projections already QuantLinear) with quantized scores,
-    probabilities and context. Mirrors model.attention._eager and MultiHeadAttention.forward."""
-
-    def __init__(self, attn: MultiHeadAttention, settings: PTQSettings) -> None:
-        super().__init__()
-        self.attn = attn
-        self.score_quant = ActQuantizer(settings)
-        self.prob_quant = ActQuantizer(settings)
-        self.context_quant = ActQuantizer(settings)
-        self.gated_context_quant = ActQuantizer(settings) if attn.gate is not None else None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attn
-        batch, seq, _ = x.shape
-        q, k, v = (a._split_heads(proj(x)) for proj in (a.q_proj, a.k_proj, a.v_proj))
-        # Scores are quantized before masking: -inf has no 8-bit code (a kernel would mask after dequant).
-        scores = self.score_quant(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])))
-        allowed = _causal_mask(seq, seq, x.device) if a.causal else None
-        if attn_mask is not None:
-            allowed = attn_mask if allowed is None else attn_mask & allowed
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        sink = a.sink_logit.view(-1, 1, 1).to(scores.dtype) if a.sink_logit is not None else None
-        probs = self.prob_quant(probabilities(scores, a.variant, sink_logit=sink, **a.variant_params))
-        context = self.context_quant(torch.matmul(probs, v))
-        if a.gate is not None:
-            start = a.head_offset * a.head_dim
-            x_heads = a.layers.into_parallel_region(x)[..., start:start + a.num_local_heads * a.head_dim]
-            context = context * a.gate(x_heads.reshape(batch, seq, a.num_local_heads, a.head_dim))
-            assert self.gated_context_quant is not None
-            context = self.gated_context_quant(context)
-        context = context.transpose(1, 2).reshape(batch, seq, a.num_local_heads * a.head_dim)
-        return a.out_proj(context)
-
-
-class QuantDecoderLayer(nn.Module):
-    """An OPTDecoderLayer with quantized residual sums (and, for layer 0, the quantized embedding sum
-    that enters it). Mirrors model.opt.OPTDecoderLayer.forward."""
-
-    def __init__(self, layer: nn.Module, settings: PTQSettings, quantize_input: bool) -> None:
-        super().__init__()
-        self.layer = layer
-        self.input_quant = ActQuantizer(settings) if quantize_input else nn.Identity()
-        self.attn_residual_quant = ActQuantizer(settings)
-        self.ffn_residual_quant = ActQuantizer(settings)
-
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        layer = self.layer
-        hidden = self.input_quant(hidden)
-        attn = layer.self_attn(layer.self_attn_layer_norm(hidden), attn_mask)
-        hidden = self.attn_residual_quant(hidden + layer.dropout(attn))
-        ffn = layer.fc2(torch.relu(layer.fc1(layer.final_layer_norm(hidden))))
-        return self.ffn_residual_quant(hidden + layer.dropout(ffn))
-
-
 # ---------------------------------------------------------------- the whole model
 
 def resolve_settings(model: nn.Module, settings: PTQSettings) -> PTQSettings:
     """`settings` with weight_range "auto" replaced by the model family's recipe."""
     if settings.weight_range != "auto":
         return settings
-    return replace(settings, weight_range=FAMILY_WEIGHT_RANGES[family_of(model.config).name])
+    return replace(settings, weight_range=family_of(model.config).ptq_weight_range)
 
 
 def quantize_w8a8(model: nn.Module, settings: PTQSettings = PTQSettings()) -> nn.Module:
-    """A fake-quantized fp32 copy of an OPTForCausalLM or a BertForMaskedLM, quantizers off until
-    `calibrate`."""
+    """A fake-quantized fp32 copy of a model (OPTForCausalLM, BertForMaskedLM, ...), quantizers off until
+    `calibrate`; `model` is never touched."""
+    spec = family_of(model.config)
     settings = resolve_settings(model, settings)
     qmodel = copy.deepcopy(model).float().eval()
     for param in qmodel.parameters():
         param.requires_grad_(False)
-    if family_of(qmodel.config).name == "bert":
-        _quantize_bert(qmodel, settings)
-    else:
-        _quantize_opt(qmodel, settings)
+    for attention in spec.attention_modules(qmodel):
+        attention.force_eager()  # the tapped path: fused backends never materialise scores
+    _swap_modules(qmodel, settings, fp32=spec.ptq_fp32_modules(qmodel), tied=spec.ptq_tied_embeddings(qmodel))
     return qmodel
 
 
-def _quantize_attention(attn: MultiHeadAttention, settings: PTQSettings) -> QuantAttention:
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        setattr(attn, name, QuantLinear(getattr(attn, name), settings))
-    return QuantAttention(attn, settings)
+def _swap_modules(qmodel: nn.Module, settings: PTQSettings, fp32: set[str], tied: set[str]) -> None:
+    modules = dict(qmodel.named_modules())
+    kept = tuple(f"{name}." for name in fp32)
+    # A Tap fused with a sibling Linear quantizes that Linear's output after its activation (BERT's GELU).
+    fused = {_join(name.rpartition(".")[0], m.fused_with) for name, m in modules.items()
+             if isinstance(m, Tap) and m.fused_with is not None}
+    for name, module in modules.items():
+        if not name or name in fp32 or name.startswith(kept):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name]
+        if isinstance(module, nn.Linear):
+            replacement: nn.Module | None = QuantLinear(module, settings, quantize_output=name not in fused)
+        elif isinstance(module, nn.LayerNorm):
+            replacement = QuantOutput(module, settings)
+        elif isinstance(module, Tap):
+            replacement = ActQuantizer(settings)
+        elif name in tied:
+            replacement = QuantEmbedding(module, settings)
+        else:
+            replacement = None
+            weight = module._parameters.get("weight")
+            if weight is not None:  # an embedding table or learned positions: an untied copy, quantized in place
+                weight.data.copy_(quantize_weight(weight, settings))
+        if replacement is not None:
+            if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+                parent[int(attr)] = replacement
+            else:
+                setattr(parent, attr, replacement)
 
 
-def _quantize_in_place(weight: torch.Tensor, settings: PTQSettings) -> None:
-    weight.data.copy_(quantize_weight(weight, settings))  # an untied copy's weight: quantize it in place
-
-
-def _quantize_opt(qmodel: nn.Module, settings: PTQSettings) -> None:
-    decoder = qmodel.decoder
-    decoder.embed_tokens = QuantEmbedding(decoder.embed_tokens, settings)
-    _quantize_in_place(decoder.embed_positions.weight, settings)
-    for j, layer in enumerate(decoder.layers):
-        layer.self_attn = _quantize_attention(layer.self_attn, settings)
-        layer.fc1, layer.fc2 = QuantLinear(layer.fc1, settings), QuantLinear(layer.fc2, settings)
-        layer.self_attn_layer_norm = QuantOutput(layer.self_attn_layer_norm, settings)
-        layer.final_layer_norm = QuantOutput(layer.final_layer_norm, settings)
-        decoder.layers[j] = QuantDecoderLayer(layer, settings, quantize_input=j == 0)
-    decoder.final_layer_norm = QuantOutput(decoder.final_layer_norm, settings)
-
-
-def _quantize_bert(qmodel: nn.Module, settings: PTQSettings) -> None:
-    """BERT is post-LN: every sum to be quantized (the embedding sum, both residual sums of a layer) is the
-    input of a LayerNorm, so the quantizers wrap the LayerNorms and no forward of model/bert.py is copied."""
-    embeddings = qmodel.bert.embeddings
-    embeddings.word_embeddings = QuantEmbedding(embeddings.word_embeddings, settings)  # tied to the MLM decoder
-    _quantize_in_place(embeddings.position_embeddings.weight, settings)
-    _quantize_in_place(embeddings.token_type_embeddings.weight, settings)
-    embeddings.LayerNorm = QuantOutput(embeddings.LayerNorm, settings, quantize_input=True)
-    for layer in qmodel.bert.encoder.layer:
-        attention = layer.attention
-        attention.self = _quantize_attention(attention.self, settings)
-        attention.output.LayerNorm = QuantOutput(attention.output.LayerNorm, settings, quantize_input=True)
-        # GELU(dense(x)) is quantized once, after the activation (what output.dense reads in 8 bits).
-        layer.intermediate.dense = QuantLinear(layer.intermediate.dense, settings, quantize_output=False)
-        layer.intermediate = QuantOutput(layer.intermediate, settings)
-        layer.output.dense = QuantLinear(layer.output.dense, settings)
-        layer.output.LayerNorm = QuantOutput(layer.output.LayerNorm, settings, quantize_input=True)
-    # cls.predictions (transform, tied decoder, bias) stays fp32, like OPT's LM head.
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
@@ -380,18 +319,16 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Record activation ranges on `batches` of examples (fp activations, quantized weights; the inputs of
-    family.split_batch, so MLM examples are run on their masked input ids), then freeze them and switch
-    every quantizer on. A module without a model config (a test's nn.Sequential) gets the batches as they are."""
-    config = getattr(qmodel, "config", None)
-    family = family_of(config) if config is not None else None
+def calibrate(qmodel: nn.Module, batches: Iterable[Batch | torch.Tensor]) -> nn.Module:
+    """Record activation ranges on `batches` (fp activations, quantized weights; a Batch is run on its
+    inputs, so MLM examples run on their masked input ids), then freeze them and switch every quantizer on.
+    A bare tensor (a test's nn.Sequential input) is run as it is."""
     set_mode(qmodel, "observe")
     device = next(iter([*qmodel.parameters(), *qmodel.buffers()])).device
     seen = 0
     for batch in batches:
-        input_ids = family.split_batch(batch)[0] if family is not None else batch
-        qmodel(input_ids.to(device))
+        inputs = batch.inputs if isinstance(batch, Batch) else batch
+        qmodel(inputs.to(device))
         seen += 1
     if not seen:
         raise ProjectError("W8A8 calibration needs at least one batch (eval.calibration_batches)")

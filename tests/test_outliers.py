@@ -194,8 +194,8 @@ def test_w8a8_never_modifies_the_model_and_ties_lm_head_to_fp32() -> None:
     # the default weight range ("auto") is OPT's MSE recipe
     assert resolve_settings(model, PTQSettings()).weight_range == "mse"
     mse = quantize_w8a8(model, PTQSettings(weight_range="mse"))
-    fc2 = qmodel.decoder.layers[0].layer.fc2.weight
-    assert torch.equal(fc2, mse.decoder.layers[0].layer.fc2.weight)
+    fc2 = qmodel.decoder.layers[0].fc2.weight
+    assert torch.equal(fc2, mse.decoder.layers[0].fc2.weight)
 
 
 def _w8a8_logit_error(model: OPTForCausalLM) -> float:

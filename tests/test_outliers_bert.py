@@ -163,7 +163,7 @@ def test_protocol_quantization_points_and_fp32_head() -> None:
     layer, qlayer = model.bert.encoder.layer[0], qmodel.bert.encoder.layer[0]
     minmax = PTQSettings(weight_range="minmax")
     assert torch.equal(qlayer.output.dense.weight, quantize_weight(layer.output.dense.weight, minmax))
-    intermediate = qlayer.intermediate.module.dense.weight
+    intermediate = qlayer.intermediate.dense.weight
     assert torch.equal(intermediate, quantize_weight(layer.intermediate.dense.weight, minmax))
     for name in ("position_embeddings", "token_type_embeddings"):
         weight = getattr(model.bert.embeddings, name).weight
@@ -177,7 +177,7 @@ def test_protocol_quantization_points_and_fp32_head() -> None:
     assert type(qhead.transform.dense) is torch.nn.Linear and type(qhead.transform.LayerNorm) is torch.nn.LayerNorm
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), qhead.state_dict().values()))
     # the gate's parameters are not quantized
-    gate, qgate = layer.attention.self.gate.state_dict(), qlayer.attention.self.attn.gate.state_dict()
+    gate, qgate = layer.attention.self.gate.state_dict(), qlayer.attention.self.gate.state_dict()
     assert gate.keys() == qgate.keys() and all(torch.equal(gate[k], qgate[k]) for k in gate)
 
 
