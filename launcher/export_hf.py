@@ -34,11 +34,13 @@ import torch
 from launcher.config import RunConfig
 from launcher.hf_checkpoint import load_full_state_dict, locate, to_hf
 from common.errors import ProjectError
+from model import variants
 
 REMOTE_FILE = Path(__file__).resolve().parent / "hf_remote" / "modeling_outeffhop_opt.py"
 REMOTE_MODULE = REMOTE_FILE.stem
 BERT_REMOTE_FILE = REMOTE_FILE.with_name("modeling_outeffhop_bert.py")
 BERT_REMOTE_MODULE = BERT_REMOTE_FILE.stem
+SHARED_ATTENTION_FILE = REMOTE_FILE.with_name("outeffhop_attention.py")  # variant math both modeling files import
 # family -> (remote modeling file, its model class, transformers' own class, the Auto class that loads it)
 FAMILIES = {
     "opt": (REMOTE_FILE, "OutEffHopOPTForCausalLM", "OPTForCausalLM", "AutoModelForCausalLM"),
@@ -77,6 +79,10 @@ def is_stock(cfg: RunConfig) -> bool:
 def _attention_settings(cfg: RunConfig) -> dict[str, Any]:
     """The extra config.json keys both remote modeling files read (see DEFAULTS there)."""
     a = cfg.attention
+    if not variants.get(a.variant).exportable:
+        raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export: the exported attention file "
+                           f"({SHARED_ATTENTION_FILE.name}) computes "
+                           f"{', '.join(v for v in variants.names() if variants.get(v).exportable)}")
     clip = a.variant_params(cfg.data.seq_length)  # alpha resolved against the training block length
     return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
                 attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
@@ -214,7 +220,8 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer: str | None = None
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    shutil.copyfile(remote_file, out / remote_file.name)
+    for path in (remote_file, SHARED_ATTENTION_FILE):  # the modeling file imports the shared one (relative)
+        shutil.copyfile(path, out / path.name)
     _finish_config(out, is_stock(cfg), family)
     tok.save_pretrained(out)
     return out
