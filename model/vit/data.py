@@ -288,12 +288,12 @@ class ImageExamples(Sequence[Example]):
 
 
 def validation_examples(cfg: ImageDataConfig, source: ImageSource, image_size: int, num_classes: int,
-                        dp_rank: int = 0, dp_world: int = 1) -> ImageExamples:
-    """This rank's share of the first data.validation_examples (0 = all) validation records, in a fixed order:
-    global example i goes to rank i % dp_world."""
+                        dp_rank: int = 0, dp_world: int = 1, limit: int | None = None) -> ImageExamples:
+    """This rank's share of the first `limit` (eval.max_blocks; None = all) validation records, in a fixed
+    order: global example i goes to rank i % dp_world."""
     records = []
     for i, record in enumerate(source.records("validation", 0, shuffle=False)):
-        if cfg.validation_examples and i >= cfg.validation_examples:
+        if limit is not None and i >= limit:
             break
         if i % dp_world == dp_rank:
             records.append(record)

@@ -28,7 +28,6 @@ class ImageDataConfig:
     validation_split: str = "validation"  # imagefolder maps a val/ folder to this split too
     image_field: str = "image"
     label_field: str = "label"
-    validation_examples: int = 0  # 0 = the whole validation split, else its first N examples
     cache_dir: str = ".cache/data"  # datasets' cache
     seed: int = 1234  # epoch order and per-example augmentation
     shuffle: bool = True
@@ -61,8 +60,6 @@ class ImageDataConfig:
                 raise ConfigError("data.path", self.path, "has no train/ folder of class folders")
         if self.source == "hub" and not self.hub_path:
             raise ConfigError("data.hub_path", self.hub_path, "must name a dataset for source=hub")
-        if self.validation_examples < 0:
-            raise ConfigError("data.validation_examples", self.validation_examples, "must be >= 0 (0 = all)")
         if self.shuffle_buffer < 1:
             raise ConfigError("data.shuffle_buffer", self.shuffle_buffer, "must be positive")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:

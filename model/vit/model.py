@@ -18,15 +18,11 @@ from torch import nn
 from model.attention import MultiHeadAttention
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.vit.config import ViTConfig
+from model.taps import Tap
 from model.vit.torchvision_compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 from timm.layers import DropPath, PatchEmbed  # noqa: E402  (after the torchvision fix above)
-
-try:  # residual / embedding taps (model/taps.py), added with the attention-variant work
-    from model.taps import Tap
-except ImportError:  # pragma: no cover - older trees: plain identities, same names, no parameters
-    Tap = nn.Identity  # type: ignore[assignment,misc]
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -53,12 +49,13 @@ class Mlp(nn.Module):
         self.layers = layers
         self.fc1 = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
         self.act = nn.GELU()
+        self.act_out = Tap(fused_with="fc1")  # GELU(fc1(x)), what fc2 reads (quantized by W8A8)
         self.drop1 = nn.Dropout(cfg.dropout)
         self.fc2 = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
         self.drop2 = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.fc1(x))
+        hidden = self.act_out(self.act(self.fc1(x)))
         if self.training and self.drop1.p > 0:
             with self.layers.model_parallel_rng():  # this rank's slice of the FFN units
                 hidden = self.drop1(hidden)
@@ -76,7 +73,7 @@ class Block(nn.Module):
                                        causal=False)
         self.proj_drop = nn.Dropout(cfg.dropout)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn_residual = Tap()
+        self.attn_residual = Tap()  # the residual sums (quantized by W8A8)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg, layers)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -100,7 +97,7 @@ class Embedding(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_length, cfg.hidden_size))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        self.embed_sum = Tap()
+        self.embed_sum = Tap()  # patches + positions (quantized by W8A8)
         nn.init.trunc_normal_(self.pos_embed, std=cfg.init_std)
         nn.init.normal_(self.cls_token, std=1e-6)  # timm's init
 

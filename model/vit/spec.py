@@ -77,12 +77,13 @@ class ViTSpec(FamilySpec):
         m = cfg.model
         return FamilyData(train=ImageStream(cfg.data, source, m.image_size, m.num_classes, dp_rank, dp_world),
                           validation=validation_examples(cfg.data, source, m.image_size, m.num_classes,
-                                                         dp_rank, dp_world))
+                                                         dp_rank, dp_world, _max_examples(cfg)))
 
     def validation_examples(self, cfg: Any) -> list[Any]:
         from model.vit.data import validation_examples
 
-        return validation_examples(cfg.data, self._source(cfg), cfg.model.image_size, cfg.model.num_classes)
+        return validation_examples(cfg.data, self._source(cfg), cfg.model.image_size, cfg.model.num_classes,
+                                   limit=_max_examples(cfg))
 
     def calibration_examples(self, cfg: Any, count: int) -> list[Any]:
         from model.vit.data import calibration_examples
@@ -155,6 +156,10 @@ class ViTSpec(FamilySpec):
     def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
         return {LAYER_PREFIX: tuple(LAYER_MODULES)}
 
+    def ptq_fp32_modules(self, model: nn.Module) -> set[str]:
+        """The classifier stays fp32, as OPT's and BERT's output heads do (plus the default: attention gates)."""
+        return super().ptq_fp32_modules(model) | {"head"}
+
     def residual_streams(self, model: nn.Module) -> list[str]:
         return [f"{LAYER_PREFIX}{j}" for j in range(len(model.blocks))]
 
@@ -181,6 +186,11 @@ class ViTSpec(FamilySpec):
         from model.vit.hf import ViTAdapter
 
         return ViTAdapter()
+
+
+def _max_examples(cfg: Any) -> int | None:
+    """eval.max_blocks: validation images per evaluation (None = the whole split)."""
+    return getattr(getattr(cfg, "eval", None), "max_blocks", None)
 
 
 def _label_smoothing(model: nn.Module) -> float:
