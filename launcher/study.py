@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import load_config
+from model import variants
 from model.config import SOFTMAX_VARIANTS
 from common.errors import ProjectError
 
@@ -54,14 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _is_variant(name: str) -> bool:
+    """A registered attention variant, or the import path of one (model/variants.py)."""
+    try:
+        variants.get(name)
+    except ProjectError:
+        return False
+    return True
+
+
 def variant_overrides(name: str, user_overrides: list[str], family: str = "opt") -> list[str]:
     """Config overrides that select one study variant; raises ProjectError for an unknown name."""
     base, _, suffix = name.partition("+")
     if name == "gated":
         base, suffix = "softmax", "gated"
-    if base not in SOFTMAX_VARIANTS or suffix not in ("", "gated"):
-        raise ProjectError(f"unknown study variant {name!r} (use one of {', '.join(SOFTMAX_VARIANTS)}, 'gated' "
-                           f"or '<variant>+gated')")
+    if not _is_variant(base) or suffix not in ("", "gated"):
+        raise ProjectError(f"unknown study variant {name!r} (use one of {', '.join(SOFTMAX_VARIANTS)}, "
+                           f"package.module:NAME, 'gated' or '<variant>+gated')")
     overrides = [f"attention.variant={base}", f"attention.gated={str(bool(suffix)).lower()}"]
     user_attention = any(o.split("=", 1)[0].strip() in ("attention.alpha", "attention.gamma") for o in user_overrides)
     if base.startswith("clipped") and not user_attention and family == "opt":
