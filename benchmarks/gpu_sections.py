@@ -376,22 +376,20 @@ def _run_overrides(ctx: Context, run_name: str) -> tuple[str, list[str]]:
 
 
 def section_outliers(ctx: Context) -> str | None:
-    from data_pipeline import load_or_train_tokenizer
     from launcher.config import load_config
     from launcher.metrics import MetricsLogger
-    from model.families import build_model
+    from model.family import build_model
     from outliers.periodic import PeriodicOutlierEval
     from outliers.report import validation_examples
 
     config, overrides = _run_overrides(ctx, "outliers")
     cfg = load_config(REPO / config, overrides + ["eval.outlier_interval=1"])
     start = time.perf_counter()
-    tokenizer = load_or_train_tokenizer(cfg.data)
-    val = validation_examples(cfg, tokenizer)
+    val = validation_examples(cfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, seq_length=cfg.data.seq_length)  # freshly initialised: the time is the point
     metrics = MetricsLogger(cfg.run_path, enabled=True, tensorboard=False)
-    periodic = PeriodicOutlierEval.create(cfg, tokenizer, val, metrics, is_main=True, world_size=1)
+    periodic = PeriodicOutlierEval.create(cfg, val, metrics, is_main=True, world_size=1)
     assert periodic is not None
     ctx.results.update(config=config, parameters_m=model.num_parameters() / 1e6, seq=cfg.data.seq_length,
                        val_blocks=len(val), calibration_blocks=len(periodic.calib_blocks),

@@ -20,6 +20,7 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from model.config import AttentionConfig, ModelConfig
+from model.family import family_of, spec_for
 from common.errors import ConfigError, ProjectError
 from parallel.layout import PARTITION_METHODS
 
@@ -208,15 +209,11 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.parallel, self.train, self.logging, self.eval):
             section.validate()
-        if self.eval.lm_eval_tasks and self.model.family != "opt":
+        spec = family_of(self.model)
+        if self.eval.lm_eval_tasks and not spec.causal_lm:
             raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
                               f"needs a causal LM (model.family=opt), not {self.model.family}")
-        if self.data.bos and self.model.family != "opt":
-            raise ConfigError("data.bos", self.data.bos, f"is for causal LMs (model.family=opt); {self.model.family}'s "
-                              "examples already start with [CLS], a fixed first token")
-        if self.data.seq_length > self.model.max_position_embeddings:
-            raise ConfigError("data.seq_length", self.data.seq_length,
-                              f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+        spec.validate_run(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -279,7 +276,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, values: dict[str, Any], prefix: str, classes: dict[str, type] | None = None) -> Any:
+    """`cls` from a mapping; `classes` replaces the declared type of some fields (a family's sections)."""
     if not isinstance(values, dict):
         raise ConfigError(prefix, values, "must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -291,7 +289,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if key not in fields:
             valid = sorted(fields - {"attention"}) if prefix == "model" else sorted(fields)
             raise ConfigError(name, value, f"unknown key (valid: {', '.join(valid)})")
-        hint = hints[key]
+        hint = (classes or {}).get(key, hints[key])
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, name)
         else:
@@ -327,7 +325,12 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError("model.attention", model["attention"], "give attention settings in the top-level "
                               "'attention' section only")
         model["attention"] = attention
-    cfg: RunConfig = _build(RunConfig, raw, "")
+    # The family decides the classes of the `model:` and `data:` sections (model/family.py).
+    model_section = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    spec = spec_for(str(model_section.get("family", ModelConfig.family)))
+    cfg: RunConfig = _build(RunConfig, raw, "", {"model": spec.model_config_class, "data": spec.data_config_class})
+    if "data" not in raw:  # no data section at all: the family's defaults
+        cfg.data = spec.data_config_class()
     cfg.validate()
     return cfg
 

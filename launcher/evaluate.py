@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: FP perplexity, outlier statistics per module, and (--quant w8a8) W8A8 perplexity.
 
-Works for every model family: OPT (next-token perplexity) and BERT (MLM perplexity over the positions the
-fixed evaluation masks of data.mlm_eval_seed select).
+Works for every model family with the family's metrics (model/family.py): OPT next-token perplexity, BERT MLM
+perplexity over the positions the fixed evaluation masks of data.mlm_eval_seed select, ...
 
     python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
 
@@ -45,7 +45,6 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
                         device: str = "cpu") -> dict[str, Any]:
     """The result dict (as outliers.json holds it) plus checkpoint, step and the comparison with the
     in-training result when there is one (`in_training`: "identical", a list of differences, or None)."""
-    from data_pipeline import load_or_train_tokenizer
     from outliers.report import (RESULT_FILE, EvalSettings, calibration_blocks, differences, evaluate_model,
                                  model_from_state, validation_examples)
 
@@ -55,9 +54,8 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
     _, state = read_weights(checkpoint)
     check_shapes(state, expected_shapes(cfg), str(folder))
     model = model_from_state(cfg, state, device)
-    tokenizer = load_or_train_tokenizer(cfg.data)
-    val = validation_examples(cfg, tokenizer)  # the family's examples (BERT: fixed MLM masks)
-    calib = calibration_blocks(cfg, tokenizer) if quant else None
+    val = validation_examples(cfg)  # the family's examples (BERT: fixed MLM masks)
+    calib = calibration_blocks(cfg) if quant else None
     evaluation = evaluate_model(model, val, calib, EvalSettings.from_config(cfg, quant=quant))
     step = int(folder.name.split("_", 1)[1]) if folder.name.split("_", 1)[-1].isdigit() else None
     result = {"checkpoint": str(folder), "step": step, **evaluation.to_dict()}

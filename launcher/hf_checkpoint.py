@@ -12,8 +12,8 @@ DeepSpeed's zero_to_fp32; older single-rank checkpoints are read from `mp_rank_0
 Export, `train.init_from` and the shape checks below all go through it, so a new on-disk layout only
 needs teaching here (or in parallel/consolidate.py).
 
-Every model family (model/families.py) goes through the same functions: shapes come from the family's own
-model, and `to_hf` / `from_hf` map names to transformers' OPTForCausalLM or BertForMaskedLM.
+Every model family (model/family.py) goes through the same functions: shapes come from the family's own
+model, and `to_hf` / `from_hf` map names with the family's Hugging Face adapter (model/<family>/hf.py).
 """
 
 from __future__ import annotations
@@ -21,33 +21,24 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from launcher.checkpoint import resolve_checkpoint
 from launcher.config import RunConfig, load_config
 from common.errors import ProjectError
-from model.families import build_model
+from model.family import family_of, spec_for
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `model.decoder.`
 # Parameters that exist only for some attention variants: switching variants adds or drops them
 # (OPT: `...self_attn.sink_logit`, BERT: `...attention.self.sink_logit`).
 VARIANT_PARAM = re.compile(r"\.(?:self_attn|attention\.self)\.(sink_logit|gate\.\w+)$")
-# BERT: this project's attention projections -> transformers' BertForMaskedLM names (the rest is identical).
-BERT_TO_HF = {".attention.self.q_proj.": ".attention.self.query.",
-              ".attention.self.k_proj.": ".attention.self.key.",
-              ".attention.self.v_proj.": ".attention.self.value.",
-              ".attention.self.out_proj.": ".attention.output.dense."}
-BERT_ROOTS = ("bert.", "cls.")
-# transformers' BertForMaskedLM decoder, tied to the word embeddings and the head's bias: written, never read
-BERT_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-             "cls.predictions.decoder.bias": "cls.predictions.bias"}
-
 StateDict = dict[str, torch.Tensor]
 
 
@@ -114,8 +105,9 @@ def read_weights(path: str | Path) -> tuple[RunConfig, StateDict]:
 
 def expected_shapes(cfg: RunConfig) -> dict[str, torch.Size]:
     """Parameter names and shapes of the single-process model the config describes (built on `meta`)."""
+    spec = family_of(cfg.model)
     with torch.device("meta"):
-        model = build_model(cfg.model, seq_length=cfg.data.seq_length)
+        model = spec.build(cfg.model, seq_length=spec.example_length(cfg))
     return {key: value.shape for key, value in model.state_dict().items()}
 
 
@@ -186,71 +178,21 @@ def init_state(path: str | Path, cfg: RunConfig) -> StateDict:
     return state
 
 
-def _rename(key: str, mapping: dict[str, str]) -> str:
-    for old, new in mapping.items():
-        if old in key:
-            return key.replace(old, new, 1)
-    return key
-
-
 def to_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
-    """This project's names -> transformers' OPTForCausalLM names (`decoder.` -> `model.decoder.`), or for
-    family "bert" BertForMaskedLM names (attention projections renamed, the tied decoder written out)."""
-    if family == "bert":
-        return _bert_to_hf(state)
-    out: StateDict = {}
-    for key, value in state.items():
-        if key == "lm_head":  # untied head: a bare Parameter here, a Linear there
-            out["lm_head.weight"] = value
-        elif key.startswith("decoder."):
-            out[HF_PREFIX + key] = value
-        else:
-            raise ProjectError(f"unexpected parameter '{key}' (not part of an OPT decoder)")
-    if tie_word_embeddings:
-        out["lm_head.weight"] = out[HF_PREFIX + "decoder.embed_tokens.weight"]
-    return out
+    """This project's names -> the family's Hugging Face class's names (its adapter, model/<family>/hf.py)."""
+    return _adapter(family).to_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
 def from_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
-    """transformers' OPTForCausalLM (or, family "bert", BertForMaskedLM) names -> this project's (the tied
-    head is not stored twice)."""
-    if family == "bert":
-        return _bert_from_hf(state)
-    out: StateDict = {}
-    for key, value in state.items():
-        if key == "lm_head.weight":
-            if not tie_word_embeddings:
-                out["lm_head"] = value
-        elif key.startswith(HF_PREFIX + "decoder."):
-            out[key[len(HF_PREFIX):]] = value
-        else:
-            raise ProjectError(f"unexpected parameter '{key}' in the Hugging Face model")
-    return out
+    """The family's Hugging Face class's names -> this project's (a tied head is not stored twice)."""
+    return _adapter(family).from_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
-def _bert_to_hf(state: StateDict) -> StateDict:
-    # BERT's MLM decoder is always tied (ModelConfig.validate refuses an untied one).
-    out: StateDict = {}
-    for key, value in state.items():
-        if not key.startswith(BERT_ROOTS) or key in BERT_TIED:
-            raise ProjectError(f"unexpected parameter '{key}' (not part of a BERT masked LM)")
-        out[_rename(key, BERT_TO_HF)] = value
-    for tied, source in BERT_TIED.items():
-        if source in out:
-            out[tied] = out[source]
-    return out
-
-
-def _bert_from_hf(state: StateDict) -> StateDict:
-    back = {new: old for old, new in BERT_TO_HF.items()}
-    out: StateDict = {}
-    for key, value in state.items():
-        if key in BERT_TIED:  # the same tensors as the word embeddings and the head's bias
-            continue
-        if not key.startswith(BERT_ROOTS):
-            raise ProjectError(f"unexpected parameter '{key}' in the Hugging Face model")
-        out[_rename(key, back)] = value
-    return out
+def _adapter(family: str) -> Any:
+    adapter = spec_for(family).hf
+    if adapter is None:
+        raise ProjectError(f"model.family {family} has no Hugging Face export")
+    return adapter
 
 
 def save_weights_checkpoint(out: Path, cfg: RunConfig, state: StateDict, metadata: dict[str, str]) -> None:

@@ -144,25 +144,13 @@ def project_task_configs(names: list[str], cfg: Any, folder: Path, docs: int) ->
 # --------------------------------------------------------------------------------------------- comparison
 
 def own_perplexity(cfg: Any, state: dict[str, Any], device: str) -> dict[str, float]:
-    """This project's validation perplexity (the blocks and model launcher.evaluate uses): token-weighted."""
-    import torch
-
-    from data_pipeline import eval_examples, load_or_train_tokenizer
-    from model.families import family_of
-    from outliers.report import model_from_state
+    """This project's validation perplexity (the examples and model launcher.evaluate uses): token-weighted."""
+    from outliers.report import model_from_state, perplexity, validation_examples
 
     model = model_from_state(cfg, state, device)
-    family = family_of(cfg.model)
-    examples = eval_examples(cfg.data, family.objective, load_or_train_tokenizer(cfg.data),
-                             max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), 8):
-            inputs, labels = family.split_batch(torch.stack(examples[start:start + 8]).to(device))
-            targets = family.num_targets(labels)
-            total += float(model(inputs, labels=labels)) * targets
-            count += targets
-    return {"val_loss": total / count, "val_ppl": math.exp(total / count), "val_tokens": count}
+    examples = validation_examples(cfg)
+    result = perplexity(model, examples, 8)
+    return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["targets"]}
 
 
 def compare(ppl_result: dict[str, float], texts: list[str], tokenizer: Any, own: dict[str, float]) -> dict[str, Any]:
@@ -216,7 +204,9 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
     _, folder = locate(checkpoint)
     manager = task_manager(tasks, include_path)
     cfg, state = load_full_state_dict(checkpoint)
-    if cfg.model.family != "opt":
+    from model.family import family_of
+
+    if not family_of(cfg.model).causal_lm:
         raise ProjectError(f"lm-eval needs a causal LM; {folder} holds a {cfg.model.family} model")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="outeffhop-lm-eval-") as tmp:

@@ -15,8 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model.families import build_model, family_of
-from model.layers import IGNORE_INDEX
+from model.family import build_model, family_of
 
 
 class LiveTensorMemory(TorchDispatchMode):
@@ -55,12 +54,8 @@ def measure_activation_peak(cfg: Any, seed: int = 0) -> int:
     model.train()
     for param in model.parameters():
         param.grad = torch.zeros_like(param)  # so gradients of weights are not counted as activations
-    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_length
-    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=generator)
-    labels = ids.clone()
-    if family_of(cfg.model).objective == "mlm":
-        labels[torch.rand(batch, seq, generator=generator) >= cfg.data.mlm_probability] = IGNORE_INDEX
+    batch = family_of(cfg.model).synthetic_batch(cfg, generator)
     existing = [t for p in model.parameters() for t in (p, p.grad)]
     with LiveTensorMemory(exclude=existing) as tracker:
-        model(ids, labels=labels).backward()
+        model(batch.inputs, labels=batch.labels).backward()
     return tracker.peak

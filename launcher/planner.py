@@ -13,13 +13,13 @@ Formulas (docs/planner.md states them with their sources):
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from launcher.throughput import PEAK_TFLOPS, flops_per_token
 from model.config import ModelConfig
+from model.family import family_of
 
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -117,15 +117,7 @@ def embedding_params(m: ModelConfig, tp: int = 1) -> tuple[int, int]:
     """(first-stage, last-stage) parameters outside the layers on one TP rank. The word embedding is
     vocab-parallel; positions, token types and LayerNorms are replicated. The tied head is the word embedding
     (one copy in one process; DeepSpeed keeps a copy on the first and the last pipeline stage)."""
-    h, vocab = m.hidden_size, m.padded_vocab_size
-    words = vocab * h // tp
-    if m.family == "bert":
-        first = words + m.max_position_embeddings * h + m.type_vocab_size * h + 2 * h
-        last = h * h + h + 2 * h + vocab // tp  # MLM transform (replicated), its LayerNorm, the output bias
-        return first, last + words
-    first = words + (m.max_position_embeddings + 2) * h  # OPT's position offset of 2
-    last = 2 * h + words  # final LayerNorm, head (tied: the embedding's copy; untied: its own matrix)
-    return first, last
+    return family_of(m).embedding_params(m, tp)
 
 
 def total_params(m: ModelConfig) -> int:
@@ -214,7 +206,7 @@ def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: in
       the scores (logits, masked logits, probabilities), dropout masks 2xh per layer (+ a T^2 b / t eager
       attention dropout)."""
     x, h, f, heads = seq * micro_batch, m.hidden_size, m.ffn_hidden_size, m.num_heads
-    ffn_terms = 2 if m.family == "bert" else 1
+    ffn_terms = family_of(m).ffn_activation_terms
     elements = 4 * x * h + 5 * x * h / tp + ffn_terms * x * f / tp
     if m.attention.gated:
         elements += x * h / tp
@@ -235,12 +227,8 @@ def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, a
     backward briefly holds their gradient and the logits' gradient (fp32, + a 16-bit cast): 2-2.5x that.
     OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
     (gathered hidden, dense out, GELU out, LN out: 4nh)."""
-    x, h, vocab = seq * micro_batch, m.hidden_size, m.padded_vocab_size / tp
-    if m.family == "bert":
-        n = math.ceil(mlm_probability * x)
-        kept_other, predicted = 4 * n * h * act_bytes, n
-    else:
-        kept_other, predicted = 3 * x * h * act_bytes, x
+    x, vocab = seq * micro_batch, m.padded_vocab_size / tp
+    kept_other, predicted = family_of(m).head_activations(m, x, act_bytes, mlm_probability)
     logprobs = 4 * predicted * vocab
     backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
     return kept_other + logprobs, backward
@@ -258,7 +246,7 @@ def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pip
         kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + per_layer
     else:
         kept = layers * in_flight * per_layer
-    if stage == 0 and m.family == "bert":  # embedding LayerNorm input (+ dropout mask)
+    if stage == 0 and family_of(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
         kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
     if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
         head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # before the heavy imports below: an early SIGUSR1/S
     GracefulStop.install()
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -25,10 +26,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline import Tokenizer, batch_iterator, eval_examples, load_or_train_tokenizer, train_examples
 from data_pipeline.cache_rollback import remove_new_cache_files_on_error
-from data_pipeline.mlm import MLMStream
-from data_pipeline.packing import BlockStream
 from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
 from launcher.config import RunConfig, config_text, load_config, save_config
 from launcher.distributed import WorldInfo, close_process_group, init_process_group, world_from_env
@@ -43,10 +41,10 @@ from launcher.runlock import RunDirInUse, RunLock
 from launcher.schedule import build_scheduler, retarget_scheduler
 from launcher.signals import GracefulStop
 from launcher.slurm import slurm_attempt
-from launcher.throughput import flops_per_token, peak_tflops, throughput_metrics
+from launcher.throughput import peak_tflops, throughput_metrics
 from model.attention import resolve_backend
 from common.errors import ConfigError, ProjectError
-from model.families import family_of
+from model.family import FamilyData, FamilySpec, family_of
 from parallel.layout import Layout, validate_layout
 from parallel.random import TRACKER
 from outliers.periodic import PeriodicOutlierEval, check_config as check_outlier_config
@@ -72,9 +70,8 @@ class Prepared:
 
     cfg: RunConfig
     world: WorldInfo
-    tokenizer: Tokenizer
-    train_stream: BlockStream | MLMStream  # token blocks (OPT) or masked-LM examples (BERT)
-    val_blocks: list[torch.Tensor]
+    spec: FamilySpec  # the model family (model/family.py): data, batches, metrics
+    data: FamilyData  # this rank's resumable training stream and validation examples
     grad_accumulation: int
     resume_from: tuple[Path, str] | None
     changed_on_resume: dict[str, tuple[Any, Any]]  # config keys that differ from the checkpoint's: (old, new)
@@ -96,19 +93,13 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
         print(f"note: {note}", file=sys.stderr, flush=True)
     changed = check_resume_config(resume_from, cfg.to_dict()) if resume_from is not None else {}
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
-    with remove_new_cache_files_on_error(cfg.data.cache_dir):  # a bad data file leaves no cache behind
-        tokenizer = load_or_train_tokenizer(cfg.data)
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                              f"is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
-        objective = family_of(cfg.model).objective
-        train_stream = train_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
-                                      vocab_size=cfg.model.vocab_size)
-        val_blocks = eval_examples(cfg.data, objective, tokenizer, dp_rank=dp_rank, dp_world=layout.data,
-                                   max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
+    spec = family_of(cfg.model)
+    # A bad data file leaves no cache behind (text families cache tokenizers and corpora under data.cache_dir).
+    cache_dir = getattr(cfg.data, "cache_dir", None)
+    with remove_new_cache_files_on_error(cache_dir) if cache_dir else contextlib.nullcontext():
+        data = spec.data(cfg, dp_rank=dp_rank, dp_world=layout.data)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
-    return Prepared(cfg, world, tokenizer, train_stream, val_blocks, grad_accumulation, resume_from, changed, layout,
-                    initial_state)
+    return Prepared(cfg, world, spec, data, grad_accumulation, resume_from, changed, layout, initial_state)
 
 
 def deepspeed_config(cfg: RunConfig, world: WorldInfo, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
@@ -153,7 +144,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     layout = prep.layout
     initial = prep.initial_state
     pm = build_parallel_model(
-        cfg.model, layout, seq_length=cfg.data.seq_length, seed=cfg.train.seed,
+        cfg.model, layout, seq_length=prep.spec.example_length(cfg), seed=cfg.train.seed,
         initial_state=initial, initial_source=f"train.init_from {cfg.train.init_from}",
         ds_config=deepspeed_config(cfg, world, prep.grad_accumulation, bf16),
         make_optimizer=lambda module: build_optimizer(module, cfg),
@@ -169,7 +160,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     step = 0
     if prep.resume_from is not None:  # before anything in the run directory changes
         state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
-        prep.train_stream.load_state_dict(state["data"])
+        prep.data.train.load_state_dict(state["data"])
         TRACKER.load_state_dict(state["tp_rng"])
         step = int(state["step"])
         # This run's LR schedule and optimizer settings, not the checkpoint's (changing them on resume works).
@@ -179,16 +170,12 @@ def train(prep: Prepared) -> dict[str, Any]:
         run_path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_path / "config.yaml")  # what runs now, written once the run is known to be valid
     metrics = MetricsLogger(run_path, enabled=world.is_main, tensorboard=cfg.logging.tensorboard)
-    outlier_eval = PeriodicOutlierEval.create(cfg, prep.tokenizer, prep.val_blocks, metrics, is_main=world.is_main,
+    outlier_eval = PeriodicOutlierEval.create(cfg, prep.data.validation, metrics, is_main=world.is_main,
                                               world_size=world.world_size)
     from launcher.periodic_lm_eval import PeriodicLmEval  # eval.lm_eval_tasks (issue 18)
 
     lm_evaluation = PeriodicLmEval.create(cfg, metrics, is_main=world.is_main)
-    from data_pipeline.examples import eval_examples_by_source  # a blend's per-source validation (issue 18)
-
-    val_by_source = eval_examples_by_source(cfg.data, pm.family.objective, prep.tokenizer,
-                                            dp_rank=(world.rank // layout.tensor) % layout.data, dp_world=layout.data,
-                                            max_blocks=cfg.eval.max_blocks, vocab_size=cfg.model.vocab_size)
+    val_by_source = prep.data.validation_by_source  # a blend's per-source validation (issue 18)
 
     if prep.resume_from is not None:
         metrics.log(step, "event", {"resumed_from": str(prep.resume_from[0] / prep.resume_from[1])})
@@ -201,12 +188,13 @@ def train(prep: Prepared) -> dict[str, Any]:
         metrics.log(step, "event", {"initialized_from": cfg.train.init_from})
 
     backend = resolve_backend(cfg.attention.backend, cfg.attention.variant, device)
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    example_length = prep.spec.example_length(cfg)
+    tokens_per_step = cfg.train.global_batch_size * example_length
     if world.is_main:
         print(f"model: {pm.num_parameters / 1e6:.2f}M parameters, attention {cfg.attention.variant} "
               f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s) as "
               f"{layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
-              f"{cfg.train.global_batch_size} x {cfg.data.seq_length} tokens", flush=True)
+              f"{cfg.train.global_batch_size} x {example_length} tokens", flush=True)
         from launcher.planner import run_plan_line  # launcher.plan's memory total of this layout (issue 18)
 
         print(run_plan_line(cfg, world.world_size, device.type), flush=True)
@@ -222,16 +210,16 @@ def train(prep: Prepared) -> dict[str, Any]:
 
     def write_checkpoint(at_step: int) -> None:
         save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
-                        {"data": prep.train_stream.state_dict(), "tp_rng": TRACKER.state_dict(),
+                        {"data": prep.data.train.state_dict(), "tp_rng": TRACKER.state_dict(),
                          "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints,
                         files={"config.yaml": config_text(cfg)})  # what wrote it: resuming compares against it
 
-    batch_iter = batch_iterator(prep.train_stream, cfg.train.micro_batch_size)
+    batch_iter = prep.spec.batches(prep.data.train, cfg.train.micro_batch_size)
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)
     stopper = GracefulStop.install()  # main()'s (or the one installed before the imports when run as a program)
-    flops_token = flops_per_token(cfg.model, cfg.data.seq_length, cfg.data.mlm_probability)
+    flops_token = prep.spec.flops_per_example(cfg) / example_length  # FLOPs per token (patch, segment)
     peak = peak_tflops(cfg.logging.peak_tflops)
     start_time = time.perf_counter()
     start_step, window_start, window_loss, window_steps = step, time.perf_counter(), 0.0, 0
@@ -269,15 +257,15 @@ def train(prep: Prepared) -> dict[str, Any]:
             progress.set_postfix(loss=f"{last_train_loss:.3f}", lr=f"{record['lr']:.2e}")
             window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
         if step % cfg.eval.interval == 0 or step == cfg.train.steps:
-            val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
+            val = eval_loss(pm, prep.data.validation, cfg.train.micro_batch_size, device)
             metrics.log(step, "val", val)
             for name, blocks in val_by_source.items():  # metrics.jsonl kind "val/<source>", TensorBoard val/<source>/ppl
                 source_val = eval_loss(pm, blocks, cfg.train.micro_batch_size, device)
                 metrics.log(step, f"val/{name}", source_val)
                 if world.is_main:
-                    progress.write(f"step {step}: {name} val ppl {source_val['ppl']:.2f}")
+                    progress.write(f"step {step}: {name} {metric_text(prep.spec, source_val)}")
             if world.is_main:
-                progress.write(f"step {step}: val loss {val['loss']:.4f}, val ppl {val['ppl']:.2f}")
+                progress.write(f"step {step}: val loss {val['loss']:.4f}, {metric_text(prep.spec, val)}")
         stopping = stopper.should_stop()  # SIGTERM/SIGUSR1 on any rank: checkpoint this step, then exit
         exiting = stopping or (bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0)
         outliers_due = outlier_eval is not None and outlier_eval.due(step)
@@ -304,16 +292,16 @@ def train(prep: Prepared) -> dict[str, Any]:
             break
     progress.close()
     if not val and failure is None:  # resumed at or past the last step: still report where the model stands
-        val = eval_loss(pm, prep.val_blocks, cfg.train.micro_batch_size, device)
+        val = eval_loss(pm, prep.data.validation, cfg.train.micro_batch_size, device)
 
     wall = time.perf_counter() - start_time
     trained_steps = step - start_step
     summary = {
         "run_name": cfg.logging.run_name, "steps": step, "completed": failure is None and step >= cfg.train.steps,
         "tokens": step * tokens_per_step,
-        "train_loss": last_train_loss, "val_loss": val.get("loss"), "val_ppl": val.get("ppl"),
-        "uniform_ppl": float(cfg.model.vocab_size), "parameters": pm.num_parameters,
-        "model_family": cfg.model.family, "objective": pm.family.objective,
+        "train_loss": last_train_loss, "val_loss": val.get("loss"),
+        **{f"val_{m.name}": val.get(m.name) for m in prep.spec.metrics}, **prep.spec.reference_values(cfg),
+        "parameters": pm.num_parameters, "model_family": cfg.model.family, "objective": pm.family.objective,
         "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,
         "world_size": world.world_size, "layout": vars(layout), "zero_stage": cfg.parallel.zero_stage,
         "wall_time_s": wall, "tokens_per_s": trained_steps * tokens_per_step / wall if wall > 0 else None,
@@ -327,7 +315,7 @@ def train(prep: Prepared) -> dict[str, Any]:
     }
     if world.is_main:
         (run_path / "summary.json").write_text(json_safe.dumps(summary, indent=2) + "\n")
-        print_summary(summary, run_path)
+        print_summary(summary, run_path, prep.spec)
     metrics.close()
     RunLock.release_all()
     if failure is not None:  # after summary.json: main() prints the one line and exits non-zero
@@ -368,17 +356,26 @@ def _number(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None and math.isfinite(value) else "n/a"
 
 
-def print_summary(summary: dict[str, Any], run_path: Path) -> None:
+def metric_text(spec: FamilySpec, values: dict[str, Any], prefix: str = "val") -> str:
+    """The family's metrics as text, e.g. "val ppl 12.34" or "val top-1 0.912"."""
+    return ", ".join(f"{prefix} {m.summary_label or m.label} {_number(values.get(m.name), m.fmt)}"
+                     for m in spec.metrics)
+
+
+def print_summary(summary: dict[str, Any], run_path: Path, spec: FamilySpec) -> None:
     tps = summary["tokens_per_s"]
+    metrics = {m.name: summary.get(f"val_{m.name}") for m in spec.metrics}
+    quantized = {m.name: summary.get(f"w8a8_val_{m.name}") for m in spec.metrics}
+    baseline = summary.get("uniform_ppl")
     lines = [
         f"== {summary['run_name']}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens in "
         f"{_format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
         f"train loss {_number(summary['train_loss'], '.4f')} | val loss {_number(summary['val_loss'], '.4f')} | "
-        f"val {'MLM ' if summary['objective'] == 'mlm' else ''}ppl {_number(summary['val_ppl'], '.2f')} "
-        f"(uniform baseline {summary['uniform_ppl']:.0f})",
-        *([f"W8A8 val ppl {summary['w8a8_val_ppl']:.2f} | avg kurtosis {summary['avg_kurtosis']:.2f} | max "
-           f"kurtosis {summary['max_kurtosis']:.2f} | max inf norm {summary['max_inf_norm']:.2f} (outlier eval "
-           f"{summary['outlier_eval_s']:.1f}s)"] if summary.get("w8a8_val_ppl") is not None else []),
+        + metric_text(spec, metrics).replace(", ", " | ") + (f" (uniform baseline {baseline:.0f})" if baseline else ""),
+        *([f"{metric_text(spec, quantized, 'W8A8 val').replace(', ', ' | ')} | avg kurtosis "
+           f"{summary['avg_kurtosis']:.2f} | max kurtosis {summary['max_kurtosis']:.2f} | max inf norm "
+           f"{summary['max_inf_norm']:.2f} (outlier eval {summary['outlier_eval_s']:.1f}s)"]
+          if summary.get("w8a8_val_loss") is not None else []),
         f"attention {summary['attention_variant']} via {summary['attention_backend']}"
         f"{' + gate' if summary['gated'] else ''}, {summary['parameters'] / 1e6:.2f}M parameters",
         f"outputs: {run_path}/ (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)",

@@ -32,13 +32,23 @@ from launcher.config import load_config
 from model import variants
 from model.config import SOFTMAX_VARIANTS
 from common.errors import ProjectError
+from model.family import Metric, family_of, spec_for
 
-METRICS = ("val_ppl", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm",
-           "layer_max_inf_norm", "avg_kurtosis_rest", "max_inf_norm_rest", "sink_head_share", "bos_mass_mean",
-           "max_residual_norm_ratio", "nothing_mass_mean")
+# Read from each evaluation besides the family's headline metric (val_<m>, w8a8_val_<m>: `metric_keys`).
+OUTLIER_METRICS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm",
+                   "avg_kurtosis_rest", "max_inf_norm_rest", "sink_head_share", "bos_mass_mean",
+                   "max_residual_norm_ratio", "nothing_mass_mean")
+PPL = Metric("ppl", "ppl")  # the text families' headline metric (perplexity)
+
+
+def metric_keys(metric: Metric = PPL) -> tuple[str, ...]:
+    return (f"val_{metric.name}", f"w8a8_val_{metric.name}") + OUTLIER_METRICS
+
+
+METRICS = metric_keys()
 # The emergence plot: (metric, title) per panel, each over training steps, one line per variant.
 EMERGENCE = (("max_inf_norm", "max inf norm"), ("avg_kurtosis", "avg kurtosis"),
-             ("gap", "W8A8 ppl / FP ppl - 1 (%)"), ("sink_head_share", "share of heads with BOS mass > 0.3"),
+             ("gap", "W8A8 / FP - 1 (%)"), ("sink_head_share", "share of heads with BOS mass > 0.3"),
              ("max_residual_norm_ratio", "first token's residual norm / median (max over layers)"),
              ("max_inf_norm_rest", "max inf norm without position 0"))
 
@@ -74,12 +84,13 @@ def variant_overrides(name: str, user_overrides: list[str], family: str = "opt")
                            f"package.module:NAME, 'gated' or '<variant>+gated')")
     overrides = [f"attention.variant={base}", f"attention.gated={str(bool(suffix)).lower()}"]
     user_attention = any(o.split("=", 1)[0].strip() in ("attention.alpha", "attention.gamma") for o in user_overrides)
-    if base.startswith("clipped") and not user_attention and family == "opt":
-        overrides.append("attention.alpha=12")  # QC's OPT recipe: gamma = -12 / seq_length (BERT's is the default)
+    alpha = spec_for(family).clipped_softmax_alpha  # e.g. QC's OPT recipe: gamma = -12 / seq_length
+    if base.startswith("clipped") and not user_attention and alpha is not None:
+        overrides.append(f"attention.alpha={alpha:g}")
     return overrides
 
 
-def run_variant(config: str, name: str, overrides: list[str], out: Path) -> dict[str, Any]:
+def run_variant(config: str, name: str, overrides: list[str], out: Path, metric: Metric = PPL) -> dict[str, Any]:
     """Train one variant in a subprocess; return its summary.json plus its last outlier evaluation."""
     args = [sys.executable, "-m", "launcher.pretrain", "--config", config]
     for override in overrides + [f"logging.run_dir={out}", f"logging.run_name={name}", "logging.progress=false"]:
@@ -100,8 +111,8 @@ def run_variant(config: str, name: str, overrides: list[str], out: Path) -> dict
     last = evals[-1]
     return {
         "overrides": overrides, "steps": summary["steps"], "wall_time_s": time.perf_counter() - start,
-        **{key: last.get(key) for key in METRICS}, "worst_module": last.get("worst_module"),
-        "trajectory": [{"step": r["step"], **{key: r.get(key) for key in METRICS}} for r in evals],
+        **{key: last.get(key) for key in metric_keys(metric)}, "worst_module": last.get("worst_module"),
+        "trajectory": [{"step": r["step"], **{key: r.get(key) for key in metric_keys(metric)}} for r in evals],
     }
 
 
@@ -109,20 +120,26 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    header = ("| variant | FP ppl | W8A8 ppl | W8A8 - FP | avg kurtosis | max kurtosis | max inf norm | "
-              "FFN max inf norm | layer max inf norm |")
+def _gap(point: dict[str, Any], metric: Metric) -> float | None:
+    """W8A8 / FP - 1 in percent of the headline metric (None where W8A8 was not evaluated)."""
+    fp, w8a8 = point.get(f"val_{metric.name}"), point.get(f"w8a8_val_{metric.name}")
+    return 100 * (w8a8 / fp - 1) if w8a8 is not None and fp else None
+
+
+def markdown_table(results: dict[str, dict[str, Any]], metric: Metric = PPL) -> str:
+    header = (f"| variant | FP {metric.label} | W8A8 {metric.label} | W8A8 - FP | avg kurtosis | max kurtosis | "
+              "max inf norm | FFN max inf norm | layer max inf norm |")
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, r in results.items():
-        gap = (f"{100 * (r['w8a8_val_ppl'] / r['val_ppl'] - 1):+.2f}%"
-               if r.get("w8a8_val_ppl") is not None and r.get("val_ppl") else "-")
-        lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['w8a8_val_ppl'])} | {gap} | "
+        gap = _gap(r, metric)
+        lines.append(f"| {name} | {_fmt(r[f'val_{metric.name}'])} | {_fmt(r[f'w8a8_val_{metric.name}'])} | "
+                     f"{'-' if gap is None else f'{gap:+.2f}%'} | "
                      f"{_fmt(r['avg_kurtosis'])} | {_fmt(r['max_kurtosis'])} | {_fmt(r['max_inf_norm'])} | "
                      f"{_fmt(r['ffn_max_inf_norm'])} | {_fmt(r['layer_max_inf_norm'])} |")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, metric: Metric = PPL) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,9 +149,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     xs = range(len(names))
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
     ax = axes[0][0]
-    ax.bar([x - 0.2 for x in xs], [results[n]["val_ppl"] for n in names], width=0.4, label="FP")
-    ax.bar([x + 0.2 for x in xs], [results[n]["w8a8_val_ppl"] or 0 for n in names], width=0.4, label="W8A8")
-    ax.set_title("validation perplexity")
+    ax.bar([x - 0.2 for x in xs], [results[n][f"val_{metric.name}"] for n in names], width=0.4, label="FP")
+    ax.bar([x + 0.2 for x in xs], [results[n][f"w8a8_val_{metric.name}"] or 0 for n in names], width=0.4,
+           label="W8A8")
+    ax.set_title(f"validation {metric.label}")
     ax.legend()
     for ax, key, title in ((axes[0][1], "avg_kurtosis", "avg kurtosis (over modules)"),
                            (axes[0][2], "max_inf_norm", "max inf norm (over modules)")):
@@ -142,17 +160,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
     for ax in axes[0]:
         ax.set_xticks(list(xs), names, rotation=20)
-    for ax, key, title in ((axes[1][0], "gap", "W8A8 ppl / FP ppl - 1 (%) over training"),
+    for ax, key, title in ((axes[1][0], "gap", f"W8A8 {metric.label} / FP {metric.label} - 1 (%) over training"),
                            (axes[1][1], "avg_kurtosis", "avg kurtosis over training"),
                            (axes[1][2], "max_inf_norm", "max inf norm over training")):
         for name in names:
             points = results[name]["trajectory"]
             steps = [p["step"] for p in points]
-            if key == "gap":
-                values = [100 * (p["w8a8_val_ppl"] / p["val_ppl"] - 1) if p.get("w8a8_val_ppl") else float("nan")
-                          for p in points]
-            else:
-                values = [p[key] for p in points]
+            values = _series(points, key, metric)
             ax.plot(steps, values, marker="o", label=name)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -162,15 +176,14 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _series(points: list[dict[str, Any]], key: str) -> list[float]:
+def _series(points: list[dict[str, Any]], key: str, metric: Metric = PPL) -> list[float]:
     """One metric over the evaluations of a run (NaN where it is missing, e.g. runs from before a metric existed)."""
     if key == "gap":
-        return [100 * (p["w8a8_val_ppl"] / p["val_ppl"] - 1) if p.get("w8a8_val_ppl") and p.get("val_ppl")
-                else float("nan") for p in points]
+        return [float("nan") if (gap := _gap(p, metric)) is None else gap for p in points]
     return [float("nan") if p.get(key) is None else float(p[key]) for p in points]
 
 
-def plot_emergence(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_emergence(results: dict[str, dict[str, Any]], path: Path, metric: Metric = PPL) -> None:
     """The emergence curves: every EMERGENCE statistic over training steps, one line per variant."""
     import matplotlib
 
@@ -181,7 +194,7 @@ def plot_emergence(results: dict[str, dict[str, Any]], path: Path) -> None:
     for ax, (key, title) in zip(axes.flat, EMERGENCE):
         for name, result in results.items():
             points = result["trajectory"]
-            ax.plot([p["step"] for p in points], _series(points, key), marker="o", label=name)
+            ax.plot([p["step"] for p in points], _series(points, key, metric), marker="o", label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = {name: variant_overrides(name, args.overrides, family) + common for name in names}
         configs = {name: load_config(args.config, overrides) for name, overrides in plans.items()}  # validate all first
         first = next(iter(configs.values()))
+        spec = family_of(first.model)
+        metric = spec.metrics[0] if spec.metrics else Metric("loss", "loss")
         if first.eval.outlier_interval is None:
             raise ProjectError("the study compares outlier/W8A8 figures: eval.outlier_interval must not be null")
         out = Path(args.out) if args.out else Path(first.logging.run_dir) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -210,28 +225,29 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name in names:
             print(f"[study] training {name} ({' '.join(plans[name][:3])}) -> {out / name}", flush=True)
-            results[name] = run_variant(args.config, name, plans[name], out)
+            results[name] = run_variant(args.config, name, plans[name], out, metric)
             r = results[name]
-            print(f"[study] {name}: FP ppl {_fmt(r['val_ppl'])}, W8A8 ppl {_fmt(r['w8a8_val_ppl'])}, avg kurtosis "
+            print(f"[study] {name}: FP {metric.label} {_fmt(r[f'val_{metric.name}'])}, W8A8 {metric.label} "
+                  f"{_fmt(r[f'w8a8_val_{metric.name}'])}, avg kurtosis "
                   f"{_fmt(r['avg_kurtosis'])}, max inf norm {_fmt(r['max_inf_norm'])} "
                   f"({r['wall_time_s']:.0f}s)", flush=True)
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = markdown_table(results)
+    table = markdown_table(results, metric)
     steps = first.train.steps if args.steps is None else args.steps
     header = (f"# Attention-variant study ({first.model.family}"
-              f"{', MLM perplexities' if first.model.family == 'bert' else ''})\n\n"
+              f"{', ' + metric.description if metric.description else ''})\n\n"
               f"config `{args.config}`, {steps} steps, seed {first.train.seed}, "
-              f"data `{first.data.source}`; numbers from each run's last periodic evaluation "
-              f"({first.eval.max_blocks or 'all'} validation blocks of {first.data.seq_length} tokens; W8A8 "
+              f"data `{getattr(first.data, 'source', '-')}`; numbers from each run's last periodic evaluation "
+              f"({first.eval.max_blocks or 'all'} validation examples of {spec.example_length(first)} positions; W8A8 "
               f"calibrated on {first.eval.calibration_batches} x {first.eval.calibration_batch_size} training "
               f"sequences).\n\n")
     (out / "study.md").write_text(header + table + "\n")
     (out / "study.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides, "steps": steps,
                                                 "variants": results}, indent=2) + "\n")
-    plot(results, out / "study.png")
-    plot_emergence(results, out / "emergence.png")
+    plot(results, out / "study.png", metric)
+    plot_emergence(results, out / "emergence.png", metric)
     print(table)
     print(f"[study] wrote {out / 'study.md'}, {out / 'study.png'}, {out / 'emergence.png'}, {out / 'study.json'}")
     return 0

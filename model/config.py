@@ -8,7 +8,6 @@ from typing import Any
 from common.errors import ConfigError
 from model import variants
 
-MODEL_FAMILIES = ("opt", "bert")  # decoder-only causal LM, encoder with a masked-LM head
 # The built-in attention variants (model/variants.py registers them; a config may also name
 # `package.module:NAME`).
 SOFTMAX_VARIANTS = variants.names()
@@ -53,7 +52,8 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
-    """Shape of an OPT-style decoder or a BERT encoder (`family`). Defaults are OPT-125m's published shape."""
+    """The `model:` section of the text families (OPT decoder, BERT encoder: `family`). Defaults are OPT-125m's
+    published shape. Other families bring their own config class (FamilySpec.model_config_class)."""
 
     family: str = "opt"
     num_layers: int = 12
@@ -90,8 +90,9 @@ class ModelConfig:
         return seq_length
 
     def validate(self) -> None:
-        if self.family not in MODEL_FAMILIES:
-            raise ConfigError("model.family", self.family, f"must be one of {', '.join(MODEL_FAMILIES)}")
+        from model.family import spec_for
+
+        spec = spec_for(self.family)  # one line naming model.family if it is not a known family
         for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "max_position_embeddings",
                     "vocab_size", "pad_vocab_to_multiple_of", "type_vocab_size"):
             value = getattr(self, key)
@@ -109,7 +110,5 @@ class ModelConfig:
         if self.layer_norm_eps <= 0:
             raise ConfigError("model.layer_norm_eps", self.layer_norm_eps, "must be positive (it keeps LayerNorm "
                               "from dividing by zero)")
-        if self.family == "bert" and not self.tie_word_embeddings:
-            raise ConfigError("model.tie_word_embeddings", self.tie_word_embeddings,
-                              "must be true for BERT (its MLM decoder is the word embedding matrix)")
+        spec.validate_model(self)
         self.attention.validate()

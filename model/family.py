@@ -23,10 +23,11 @@ in one line that the family does not support it.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -90,6 +91,8 @@ class Metric:
     label: str  # printed name, e.g. "ppl", "top-1", "MSE"
     higher_is_better: bool = False
     fmt: str = ".2f"
+    summary_label: str = ""  # the run summary's longer name, e.g. "MLM ppl" (default: label)
+    description: str = ""  # what the numbers are, for study headers, e.g. "MLM perplexities"
 
 
 @dataclass(frozen=True)
@@ -108,17 +111,21 @@ class FamilySpec(ABC):
     name: ClassVar[str]
     model_config_class: ClassVar[type]  # the `model:` section (a dataclass with family, attention, validate())
     data_config_class: ClassVar[type]  # the `data:` section
+    objective: ClassVar[str] = ""  # what the family trains for, e.g. "causal", "mlm", "classification"
     metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
-    layer_class: ClassVar[str] = ""  # the repeated block (pipeline partitioning, activation checkpointing)
     causal_lm: ClassVar[bool] = False  # lm-eval and data.bos need a causal language model
     supports_tensor_parallel: ClassVar[bool] = True
     supports_pipeline: ClassVar[bool] = True
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
+    clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
 
     # ------------------------------------------------------------------ model and config
     @abstractmethod
     def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
         """The single-process model (or, with a tensor-parallel `layers` factory, this rank's shard)."""
+
+    def validate_model(self, cfg: Any) -> None:
+        """Family-specific checks of the `model:` section beyond its own validate() (one ConfigError line)."""
 
     def validate_run(self, cfg: Any) -> None:
         """Checks across sections of a run config (e.g. data length vs the model's positions)."""
@@ -148,6 +155,15 @@ class FamilySpec(ABC):
         """A batch-level training augmentation (e.g. mixup), or None."""
         return None
 
+    def batches(self, examples: Iterable[Any], micro_batch_size: int) -> Iterator[Batch]:
+        """Consecutive examples collated into micro-batches (a partial tail is dropped)."""
+        it = iter(examples)
+        while True:
+            chunk = list(itertools.islice(it, micro_batch_size))
+            if len(chunk) < micro_batch_size:
+                return
+            yield self.collate(chunk)
+
     # ------------------------------------------------------------------ loss and metrics
     @abstractmethod
     def num_targets(self, batch: Batch) -> int:
@@ -162,6 +178,10 @@ class FamilySpec(ABC):
         """Summed eval_sums over batches and ranks -> {"loss", metric names...}. Default: perplexity."""
         loss = sums["loss_sum"] / max(sums["targets"], 1.0)
         return {"loss": loss, **self.metrics_from_loss(loss)}
+
+    def reference_values(self, cfg: Any) -> dict[str, float]:
+        """Baselines a run's summary reports next to its metrics, e.g. {"uniform_ppl": vocabulary size}."""
+        return {}
 
     def metrics_from_loss(self, loss: float) -> dict[str, float]:
         """Metrics that follow from the mean loss alone (what a pipeline's last stage can report)."""
@@ -184,6 +204,10 @@ class FamilySpec(ABC):
         if pipeline > 1 and not self.supports_pipeline:
             raise ConfigError("parallel.pipeline", pipeline, f"must be 1: model.family={self.name} has no pipeline "
                               "parallelism (it is small enough for data parallelism)")
+        layers = getattr(cfg, "num_layers", None)
+        if layers is not None and pipeline > layers:
+            raise ConfigError("parallel.pipeline", pipeline, f"exceeds model.num_layers={layers}: every "
+                              "pipeline stage needs at least one layer")
 
     # ------------------------------------------------------------------ outliers and quantization
     @abstractmethod
@@ -193,6 +217,10 @@ class FamilySpec(ABC):
     def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
         """Per-layer statistics name prefix -> the kinds of one layer, in table order (heatmaps, tables)."""
         return {}
+
+    def residual_streams(self, model: nn.Module) -> list[str]:
+        """Per layer, the statistics name of the residual stream after it (attention-sink metrics)."""
+        return []
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Each layer's attention module, in order (attention-sink metrics); [] if none."""
@@ -219,6 +247,10 @@ class FamilySpec(ABC):
     @abstractmethod
     def flops_per_example(self, cfg: Any) -> float:
         """Training FLOPs (forward + backward) of one example (PaLM's 6N + attention accounting)."""
+
+    def synthetic_batch(self, cfg: Any, generator: torch.Generator) -> Batch:
+        """A random micro-batch of the run's shapes (launcher/memory_probe.py measures activations with it)."""
+        raise ConfigError("model.family", self.name, "has no memory model for launcher.plan")
 
     # ------------------------------------------------------------------ export
     hf: ClassVar[Any] = None  # the Hugging Face / timm adapter (model/<family>/hf.py), or None: no export

@@ -19,11 +19,12 @@ import torch
 
 from launcher.distributed import barrier
 from common.errors import ConfigError
+from model.family import family_of
 from outliers.report import (EvalSettings, calibration_blocks, evaluate_model, model_from_state, one_line,
                              validation_examples, write_result)
 
-# Copied from the last evaluation into the run's summary.json.
-SUMMARY_KEYS = ("w8a8_val_ppl", "avg_kurtosis", "max_kurtosis", "max_inf_norm")
+# Copied from the last evaluation into the run's summary.json, after the W8A8 loss and metrics.
+OUTLIER_SUMMARY_KEYS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm")
 
 
 def check_config(cfg: Any) -> None:
@@ -35,29 +36,29 @@ def check_config(cfg: Any) -> None:
 
 
 class PeriodicOutlierEval:
-    def __init__(self, cfg: Any, tokenizer: Any, val_blocks: list[torch.Tensor], metrics: Any, *,
-                 is_main: bool, world_size: int) -> None:
+    def __init__(self, cfg: Any, val_blocks: list[Any], metrics: Any, *, is_main: bool, world_size: int) -> None:
         self.cfg, self.metrics, self.is_main = cfg, metrics, is_main
+        self.spec = family_of(cfg.model)
         self.interval: int = cfg.eval.outlier_interval
         self.settings = EvalSettings.from_config(cfg)
         self.last: dict[str, Any] | None = None
         self.seconds = 0.0  # total wall time spent here (the overhead on training)
-        self.val_blocks: list[torch.Tensor] = []
-        self.calib_blocks: list[torch.Tensor] = []
+        self.val_blocks: list[Any] = []
+        self.calib_blocks: list[Any] = []
         if is_main:
             start = time.perf_counter()
             # With several ranks, val_blocks is this rank's shard: rank 0 evaluates the whole set. With one,
             # it is the whole set already (launcher.pretrain's eval_examples, as validation_examples reads it).
-            self.val_blocks = val_blocks if world_size == 1 else validation_examples(cfg, tokenizer)
-            self.calib_blocks = calibration_blocks(cfg, tokenizer)
+            self.val_blocks = val_blocks if world_size == 1 else validation_examples(cfg)
+            self.calib_blocks = calibration_blocks(cfg)
             self.seconds += time.perf_counter() - start
 
     @classmethod
-    def create(cls, cfg: Any, tokenizer: Any, val_blocks: list[torch.Tensor], metrics: Any, *, is_main: bool,
+    def create(cls, cfg: Any, val_blocks: list[Any], metrics: Any, *, is_main: bool,
                world_size: int) -> PeriodicOutlierEval | None:
         if cfg.eval.outlier_interval is None:
             return None
-        return cls(cfg, tokenizer, val_blocks, metrics, is_main=is_main, world_size=world_size)
+        return cls(cfg, val_blocks, metrics, is_main=is_main, world_size=world_size)
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.cfg.train.steps
@@ -81,10 +82,11 @@ class PeriodicOutlierEval:
                 log_tensorboard(self.metrics.writer, result, evaluation.worst_activations, step)
             self.last = result
             self.seconds += time.perf_counter() - start
-            line = f"step {step}: {one_line(result)} [{time.perf_counter() - start:.1f}s]"
+            line = f"step {step}: {one_line(result, self.spec)} [{time.perf_counter() - start:.1f}s]"
         barrier()
         return line
 
     def summary(self) -> dict[str, Any]:
-        values = {key: (self.last or {}).get(key) for key in SUMMARY_KEYS}
+        keys = ["w8a8_val_loss", *(f"w8a8_val_{m.name}" for m in self.spec.metrics), *OUTLIER_SUMMARY_KEYS]
+        values = {key: (self.last or {}).get(key) for key in keys}
         return {**values, "outlier_eval_s": self.seconds if self.is_main else None}

@@ -14,23 +14,23 @@ ROW_LABELS = {"attn_out_proj": "attn out_proj", "attn_layer_norm": "attn LN", "f
 
 
 def per_layer_kinds(modules: dict[str, dict[str, Any]]) -> tuple[str, ...]:
-    """The kinds of one layer's hooked activations (the heatmap's rows) of this result's model family."""
-    for name in modules:
-        located = layer_of(name)
-        if located is not None:
-            return located[1]
-    raise ValueError("no per-layer modules in the evaluation result")
+    """The kinds of one layer's hooked activations (the heatmap's rows), in the family's table order."""
+    kinds = dict.fromkeys(stats["kind"] for name, stats in modules.items() if layer_of(name) is not None)
+    if not kinds:
+        raise ValueError("no per-layer modules in the evaluation result")
+    return tuple(kinds)
 
 
 def per_layer_grid(modules: dict[str, dict[str, Any]], key: str) -> list[list[float]]:
     """[kind][layer] values of `key` for the per-layer modules (OPT's final LayerNorm is left out)."""
     kinds = list(per_layer_kinds(modules))
     located = {name: layer_of(name) for name in modules}
-    layers = 1 + max(where[0] for where in located.values() if where is not None)
+    layers = 1 + max(where for where in located.values() if where is not None)
     grid = [[float("nan")] * layers for _ in kinds]
     for name, stats in modules.items():
-        if located[name] is not None:
-            grid[kinds.index(stats["kind"])][located[name][0]] = stats[key]
+        where = located[name]
+        if where is not None:
+            grid[kinds.index(stats["kind"])][where] = stats[key]
     return grid
 
 

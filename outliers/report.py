@@ -8,16 +8,16 @@ Both `launcher.pretrain` (every `eval.outlier_interval` steps, right after that 
 `launcher.evaluate` (from the checkpoint files) go through `model_from_state` and `evaluate_model` with
 the same blocks, so their numbers agree exactly.
 
-"Blocks" are the family's examples (model/families.py): OPT token blocks [T], BERT masked-LM examples
-[2, T] with the fixed masks of data.mlm_eval_seed (validation) or the training stream's (calibration), from
-data_pipeline/examples.py. Perplexity is exp(mean loss over the predicted tokens): next-token perplexity for
-OPT, MLM perplexity over the masked positions for BERT.
+"Blocks" are the family's examples (model/family.py: FamilySpec.validation_examples, calibration_examples;
+e.g. OPT token blocks [T], BERT masked-LM examples [2, T] with fixed masks), batched by the family's `collate`.
+The metrics are the family's (FamilySpec.eval_sums / finish_metrics): e.g. perplexity = exp(mean loss over the
+predicted tokens) for OPT and BERT, top-1 accuracy for ViT. Each is reported as `val_<name>` and, for the
+quantized copy, `w8a8_val_<name>`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,16 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.family import Batch, FamilySpec, family_of
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
 from outliers.sinks import SINK_SUMMARY_KEYS, SinkHooks, format_sink_table, summarize_sinks
 from outliers.stats import OutlierHooks, hook_activation, summarize
 
 RESULT_FILE = "outliers.json"
-# Headline keys, in the order they are printed; `summary.json` of a run carries the first ones too.
+# Outlier headline keys, in the order they are printed after the family's metrics (summary_keys).
 # *_rest: without position 0; then the attention-sink numbers of outliers/sinks.py.
-SUMMARY_KEYS = ("val_loss", "val_ppl", "w8a8_val_loss", "w8a8_val_ppl", "avg_kurtosis", "max_kurtosis",
-                "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm", "worst_module", "avg_kurtosis_rest",
-                "max_inf_norm_rest") + SINK_SUMMARY_KEYS
+OUTLIER_KEYS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm",
+                "worst_module", "avg_kurtosis_rest", "max_inf_norm_rest") + SINK_SUMMARY_KEYS
 # Keys that depend on the machine's speed, not the model: never compared.
 TIMING_KEYS = ("eval_time_s",)
 
@@ -58,7 +58,7 @@ class EvalSettings:
 
 @dataclass
 class Evaluation:
-    values: dict[str, Any]  # SUMMARY_KEYS + eval_time_s
+    values: dict[str, Any]  # summary_keys(spec) + eval_time_s
     modules: dict[str, dict[str, Any]]  # per hooked module: kind, kurtosis, inf_norm, ...
     worst_activations: torch.Tensor | None = None  # the worst module's output on the first block batch
     sinks: list[dict[str, Any]] = field(default_factory=list)  # per layer: outliers.sinks.SinkHooks.results()
@@ -67,58 +67,57 @@ class Evaluation:
         return {**self.values, "modules": self.modules, "sinks": self.sinks}
 
 
+def summary_keys(spec: FamilySpec) -> tuple[str, ...]:
+    """Headline keys of an evaluation of this family, in print order; summary.json carries them too."""
+    names = [m.name for m in spec.metrics]
+    return ("val_loss", *(f"val_{n}" for n in names), "w8a8_val_loss", *(f"w8a8_val_{n}" for n in names)) + OUTLIER_KEYS
+
+
+def _result_keys(result: dict[str, Any]) -> list[str]:
+    """summary_keys of the family that produced `result` (read from its keys: results carry no spec)."""
+    metric_keys = [k for k in result if k.startswith(("val_", "w8a8_val_"))]
+    return metric_keys + [k for k in OUTLIER_KEYS if k in result]
+
+
 def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
     """A fresh fp32 model of cfg.model.family in eval mode with these weights (the RNG is left untouched)."""
-    from model.families import build_model
-
+    spec = family_of(cfg.model)
     with torch.random.fork_rng(devices=[]):  # construction draws initial weights: keep training's RNG
-        model = build_model(cfg.model, seq_length=cfg.data.seq_length)
+        model = spec.build(cfg.model, seq_length=spec.example_length(cfg))
     model.load_state_dict(state_dict)
     return model.float().to(device).eval()
 
 
-def calibration_blocks(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+def calibration_blocks(cfg: Any) -> list[Any]:
     """The first eval.calibration_batches x eval.calibration_batch_size examples of the train split (masked
     for MLM): the same examples on every call (the stream starts from its seeded beginning)."""
-    from data_pipeline import calibration_examples
-    from model.families import family_of
-
     count = cfg.eval.calibration_batches * cfg.eval.calibration_batch_size
-    return calibration_examples(cfg.data, family_of(cfg.model).objective, tokenizer, count,
-                                vocab_size=cfg.model.vocab_size)
+    return family_of(cfg.model).calibration_examples(cfg, count)
 
 
-def validation_examples(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+def validation_examples(cfg: Any) -> list[Any]:
     """The whole validation set of an evaluation (eval.max_blocks examples; fixed MLM masks), as both the
     periodic and the standalone evaluation read it."""
-    from data_pipeline import eval_examples
-    from model.families import family_of
-
-    return eval_examples(cfg.data, family_of(cfg.model).objective, tokenizer, max_blocks=cfg.eval.max_blocks,
-                         vocab_size=cfg.model.vocab_size)
+    return family_of(cfg.model).validation_examples(cfg)
 
 
-def block_batches(blocks: list[torch.Tensor], micro_batch_size: int) -> Iterator[torch.Tensor]:
+def block_batches(blocks: list[Any], micro_batch_size: int, spec: FamilySpec) -> Iterator[Batch]:
+    """The family's batches of `blocks` (the last one may be partial)."""
     for start in range(0, len(blocks), micro_batch_size):
-        yield torch.stack(blocks[start:start + micro_batch_size])
+        yield spec.collate(blocks[start:start + micro_batch_size])
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: list[torch.Tensor], micro_batch_size: int) -> dict[str, float]:
-    """exp(mean loss over the predicted tokens) of the examples (as launcher.pretrain's evaluation): each
-    batch's mean loss weighted by its number of targets (OPT: every next token; BERT: the masked positions)."""
-    from model.families import family_of
-
-    family = family_of(model.config)
+def perplexity(model: nn.Module, blocks: list[Any], micro_batch_size: int) -> dict[str, float]:
+    """The family's validation metrics of the examples, as launcher.pretrain's evaluation computes them
+    ({"loss", "ppl"} for OPT and BERT): each batch weighted by its number of targets (FamilySpec.eval_sums)."""
+    spec = family_of(model.config)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in block_batches(blocks, micro_batch_size):
-        input_ids, labels = family.split_batch(batch.to(device))
-        targets = family.num_targets(labels)
-        total += float(model(input_ids, labels=labels)) * targets
-        count += targets
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else float("inf")}
+    sums: dict[str, float] = {}
+    for batch in block_batches(blocks, micro_batch_size, spec):
+        for key, value in spec.eval_sums(model, batch.to(device)).items():
+            sums[key] = sums.get(key, 0.0) + value
+    return spec.finish_metrics(sums)
 
 
 @torch.no_grad()
@@ -138,17 +137,18 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
     with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks:
         fp = perplexity(model, val_blocks, settings.micro_batch_size)
     modules, sinks = hooks.results(), sink_hooks.results()
-    values: dict[str, Any] = {"val_loss": fp["loss"], "val_ppl": fp["ppl"], "w8a8_val_loss": None,
-                              "w8a8_val_ppl": None, **summarize(modules), **summarize_sinks(sinks)}
+    spec = family_of(model.config)
+    keys = summary_keys(spec)
+    values: dict[str, Any] = {**{f"val_{k}": v for k, v in fp.items()}, **summarize(modules), **summarize_sinks(sinks)}
     worst = _capture(model, values["worst_module"], val_blocks[:settings.micro_batch_size])
     if settings.ptq is not None:
         if not calib_blocks:
             raise ValueError("W8A8 evaluation needs calibration blocks")
         qmodel = quantize_w8a8(model, settings.ptq)
-        calibrate(qmodel, block_batches(calib_blocks, settings.calibration_batch_size))
+        calibrate(qmodel, block_batches(calib_blocks, settings.calibration_batch_size, spec))
         w8a8 = perplexity(qmodel, val_blocks, settings.micro_batch_size)
-        values.update(w8a8_val_loss=w8a8["loss"], w8a8_val_ppl=w8a8["ppl"])
-    values = {key: values[key] for key in SUMMARY_KEYS}
+        values.update({f"w8a8_val_{k}": v for k, v in w8a8.items()})
+    values = {key: values.get(key) for key in keys}
     values["eval_time_s"] = time.perf_counter() - start
     return Evaluation(values, modules, worst, sinks)
 
@@ -156,13 +156,10 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
 def _capture(model: nn.Module, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
     """One hooked activation (a statistics name of outliers.stats) on one batch (for the TensorBoard
     histogram)."""
-    from model.families import family_of
-
     captured: list[torch.Tensor] = []
     handle = hook_activation(model, name, lambda x: captured.append(x.detach().float().cpu()))
     try:
-        input_ids, _labels = family_of(model.config).split_batch(torch.stack(blocks))
-        model(input_ids.to(next(model.parameters()).device))
+        model(family_of(model.config).collate(blocks).inputs.to(next(model.parameters()).device))
     finally:
         handle.remove()
     return captured[0]
@@ -180,7 +177,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys (per-module ones as `module/key`) where two results disagree; keys missing or null in either
     side are skipped (e.g. a run without W8A8)."""
     diffs = []
-    for key in SUMMARY_KEYS:
+    for key in _result_keys(a):
         if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
             diffs.append(f"{key}: {a[key]!r} vs {b[key]!r}")
     for name, stats in a.get("modules", {}).items():
@@ -220,12 +217,16 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("sinks"):
         lines += ["", "attention sinks per layer (head means; position 0 = the first token):",
                   format_sink_table(result["sinks"]), ""]
-    lines.extend(f"{key:>23}: {_fmt(result.get(key))}" for key in SUMMARY_KEYS)
+    lines.extend(f"{key:>23}: {_fmt(result.get(key))}" for key in _result_keys(result))
     return "\n".join(lines)
 
 
-def one_line(result: dict[str, Any]) -> str:
-    w8a8 = result.get("w8a8_val_ppl")
-    return (f"FP ppl {result['val_ppl']:.2f}" + (f", W8A8 ppl {w8a8:.2f}" if w8a8 is not None else "")
+def one_line(result: dict[str, Any], spec: FamilySpec) -> str:
+    """FP and W8A8 headline metric, then the outlier headline numbers."""
+    metric = spec.metrics[0] if spec.metrics else None
+    fp = result.get(f"val_{metric.name}") if metric else result["val_loss"]
+    w8a8 = result.get(f"w8a8_val_{metric.name}") if metric else result.get("w8a8_val_loss")
+    label, fmt = (metric.label, metric.fmt) if metric else ("loss", ".4f")
+    return (f"FP {label} {fp:{fmt}}" + (f", W8A8 {label} {w8a8:{fmt}}" if w8a8 is not None else "")
             + f", avg kurtosis {result['avg_kurtosis']:.2f}, max kurtosis {result['max_kurtosis']:.2f}, "
               f"max inf norm {result['max_inf_norm']:.2f} ({result['worst_module']})")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from model.attention import MultiHeadAttention, _causal_mask
+from model.family import family_of
 from model.softmax import probabilities
 from outliers.stats import hook_activation
 
@@ -68,11 +69,9 @@ class SinkHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.attention = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-        if hasattr(model, "bert"):
-            self.residual = [f"bert.encoder.layer.{j}.output.LayerNorm:input" for j in range(len(self.attention))]
-        else:
-            self.residual = [f"decoder.layers.{j}" for j in range(len(self.attention))]
+        spec = family_of(model.config)
+        self.attention = spec.attention_modules(model)
+        self.residual = spec.residual_streams(model)  # per layer: the residual stream after it
         self.sums: list[dict[str, Any]] = [{} for _ in self.attention]
         self.counts: list[dict[str, int]] = [{} for _ in self.attention]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

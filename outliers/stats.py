@@ -1,6 +1,7 @@
 """Outlier statistics of a model's activations: per-sequence kurtosis and infinity norm.
 
-The protocol of Bondarenko et al. (2023), used by OutEffHop, hooks per family:
+The protocol of Bondarenko et al. (2023), used by OutEffHop, hooks per family (each family's spec lists its
+modules: FamilySpec.outlier_modules), e.g.
   - OPT, per layer j: the outputs of `self_attn.out_proj`, `self_attn_layer_norm`, `fc2`,
     `final_layer_norm` and the layer itself (its output), plus the decoder's final LayerNorm;
   - BERT (post-LN), per layer j: the output of the FFN output dense `output.dense`, the input of the
@@ -31,27 +32,9 @@ from torch import nn
 
 KURTOSIS_EPS = 1e-6
 
-# Kind of hooked module -> name relative to decoder.layers.{j} (None: the layer itself).
-LAYER_MODULES: dict[str, str | None] = {
-    "attn_out_proj": "self_attn.out_proj",
-    "attn_layer_norm": "self_attn_layer_norm",
-    "ffn_out": "fc2",
-    "ffn_layer_norm": "final_layer_norm",
-    "layer_out": None,
-}
-FINAL_LAYER_NORM = "decoder.final_layer_norm"
-# BERT: kind -> name relative to bert.encoder.layer.{j}; INPUT_SUFFIX marks a module's input, not its output.
+# A statistics name is a module's name as in model.named_modules() (its output), or that name + INPUT_SUFFIX
+# (its first input). Which modules are hooked is the family's choice (FamilySpec.outlier_modules).
 INPUT_SUFFIX = ":input"
-BERT_LAYER_MODULES: dict[str, str] = {
-    "ffn_out": "output.dense",
-    "ffn_residual": "output.LayerNorm" + INPUT_SUFFIX,  # dense output + residual, before the LayerNorm
-    "layer_out": "output.LayerNorm",  # post-LN: the LayerNorm's output is the layer's output
-}
-# Where the per-layer modules of each family live: name prefix -> the kinds of one layer, in table order.
-LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
-    "decoder.layers.": tuple(LAYER_MODULES),
-    "bert.encoder.layer.": tuple(BERT_LAYER_MODULES),
-}
 
 
 def kurtosis(x: torch.Tensor) -> torch.Tensor:
@@ -77,28 +60,18 @@ def inf_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def outlier_modules(model: nn.Module) -> dict[str, str]:
-    """Statistics names of the hooked activations of an OPTForCausalLM or a BertForMaskedLM -> their kind.
+    """Statistics names of the protocol's hooked activations of `model` -> their kind (the family's list)."""
+    from model.family import family_of
 
-    A name is a module's name as in model.named_modules() (its output), or that name + INPUT_SUFFIX (its
-    first input)."""
-    names: dict[str, str] = {}
-    if hasattr(model, "bert"):
-        for j in range(len(model.bert.encoder.layer)):
-            for kind, suffix in BERT_LAYER_MODULES.items():
-                names[f"bert.encoder.layer.{j}.{suffix}"] = kind
-        return names
-    for j in range(len(model.decoder.layers)):
-        for kind, suffix in LAYER_MODULES.items():
-            names[f"decoder.layers.{j}" + (f".{suffix}" if suffix else "")] = kind
-    names[FINAL_LAYER_NORM] = "final_layer_norm"
-    return names
+    return family_of(model.config).outlier_modules(model)
 
 
-def layer_of(name: str) -> tuple[int, tuple[str, ...]] | None:
-    """(layer index, the kinds of one layer) of a per-layer statistics name; None for others (final LN)."""
-    for prefix, kinds in LAYER_PREFIXES.items():
-        if name.startswith(prefix):
-            return int(name[len(prefix):].split(".", 1)[0].split(":", 1)[0]), kinds
+def layer_of(name: str) -> int | None:
+    """The layer index of a per-layer statistics name (its first numeric component, e.g. 3 in
+    `decoder.layers.3.fc2` or `blocks.3.mlp.fc2`); None for modules outside the layers (a final LayerNorm)."""
+    for part in name.split(":", 1)[0].split("."):
+        if part.isdigit():
+            return int(part)
     return None
 
 

@@ -9,7 +9,6 @@ megatron-core's groups), DeepSpeed PipelineModule (PP>1, its topology gives the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping
@@ -20,7 +19,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from model.config import ModelConfig
-from model.families import ModelFamily, build_model, family_of
+from model.family import Batch, FamilySpec, build_model, family_of
 from model.layers import LocalLayers
 from parallel.grad_clip import install_global_norm_clipping, uses_plain_optimizer
 from parallel.groups import MegatronMPU, init_model_parallel
@@ -37,7 +36,7 @@ class ParallelModel:
     module: nn.Module
     name_map: Callable[[str], str]
     num_parameters: int
-    family: ModelFamily
+    family: FamilySpec
 
     @property
     def pipelined(self) -> bool:
@@ -147,7 +146,7 @@ def _dp_mean(value: float, pm: ParallelModel) -> float:
     return float(tensor.item()) / pm.layout.data
 
 
-def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumulation: int,
+def train_step(pm: ParallelModel, batches: Iterator[Batch], grad_accumulation: int,
                device: torch.device) -> tuple[float, float | None]:
     """One optimizer step over `grad_accumulation` micro-batches: (mean loss over DP ranks, global grad norm).
 
@@ -155,13 +154,13 @@ def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumula
     and on the plain ZeRO-0 fp32 path parallel/grad_clip.py does. None only if DeepSpeed computed none."""
     engine = pm.engine
     if pm.pipelined:
-        pairs = (tuple(t.to(device) for t in pm.family.split_batch(b)) for b in batches)
+        pairs = (b.to(device).as_tuple() for b in batches)
         step_loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
     else:
         step_loss = 0.0
         for _ in range(grad_accumulation):
-            inputs, labels = pm.family.split_batch(next(batches).to(device))
-            loss = engine(inputs, labels=labels)
+            batch = next(batches).to(device)
+            loss = engine(batch.inputs, labels=batch.labels)
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / grad_accumulation
@@ -171,29 +170,32 @@ def train_step(pm: ParallelModel, batches: Iterator[torch.Tensor], grad_accumula
 
 
 @torch.no_grad()
-def eval_loss(pm: ParallelModel, blocks: list[torch.Tensor], micro_batch_size: int,
+def eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
               device: torch.device) -> dict[str, float]:
-    """Token-weighted validation loss over every data-parallel rank's blocks."""
-    engine = pm.engine
+    """The family's validation metrics over every data-parallel rank's examples: {"loss", e.g. "ppl", ...,
+    "tokens"}, each batch weighted by its number of targets (FamilySpec.eval_sums / finish_metrics)."""
+    engine, spec = pm.engine, pm.family
     engine.eval()
-    total, count = 0.0, 0.0
+    sums: dict[str, float] = {}
     if pm.pipelined:
         # A pipeline keeps micro-batch shapes fixed: a partial last micro-batch is left out. One micro-batch
-        # per call, so each loss is weighted by its own number of predictions (MLM counts vary).
-        for start in range(0, len(blocks) - micro_batch_size + 1, micro_batch_size):
-            inputs, labels = pm.family.split_batch(torch.stack(blocks[start:start + micro_batch_size]).to(device))
-            targets = pm.family.num_targets(labels)
-            loss = float(engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1))
-            total, count = total + loss * targets, count + targets
+        # per call, so each loss is weighted by its own number of predictions (MLM counts vary). The last
+        # stage holds only the loss, so metrics that need outputs are left out (finish_metrics skips them).
+        for start in range(0, len(examples) - micro_batch_size + 1, micro_batch_size):
+            batch = spec.collate(examples[start:start + micro_batch_size]).to(device)
+            targets = spec.num_targets(batch)
+            loss = float(engine.eval_batch(iter([batch.as_tuple()]), num_micro_batches=1))
+            _add(sums, {"loss_sum": loss * targets, "targets": float(targets)})
     else:
-        for start in range(0, len(blocks), micro_batch_size):
-            inputs, labels = pm.family.split_batch(torch.stack(blocks[start:start + micro_batch_size]).to(device))
-            targets = pm.family.num_targets(labels)
-            total += float(engine(inputs, labels=labels)) * targets
-            count += targets
+        for start in range(0, len(examples), micro_batch_size):
+            _add(sums, spec.eval_sums(engine, spec.collate(examples[start:start + micro_batch_size]).to(device)))
     # The last pipeline stage holds the loss (DeepSpeed broadcasts it to the stage's DP peers and the
     # other stages): the sums over data-parallel ranks are the same on every rank.
-    total, count = _dp_mean(total, pm) * pm.layout.data, _dp_mean(count, pm) * pm.layout.data
+    sums = {key: _dp_mean(value, pm) * pm.layout.data for key, value in sorted(sums.items())}
     engine.train()
-    mean = total / max(count, 1.0)
-    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": count}
+    return {**spec.finish_metrics(sums), "tokens": sums.get("targets", 0.0)}
+
+
+def _add(total: dict[str, float], sums: dict[str, float]) -> None:
+    for key, value in sums.items():
+        total[key] = total.get(key, 0.0) + value

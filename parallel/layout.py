@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+from model.family import family_of
 from common.errors import ConfigError
 
 # How DeepSpeed splits the layer list over pipeline stages: "layers" balances the model's repeated blocks
@@ -36,16 +37,7 @@ def validate_layout(model: ModelConfig, *, tensor: int, pipeline: int, zero_stag
         key, value = ("parallel.pipeline", pipeline) if pipeline > 1 else ("parallel.tensor", tensor)
         raise ConfigError(key, value, f"parallel.tensor x parallel.pipeline = {tensor * pipeline} must divide the "
                           f"world size {world_size}")
-    for key, size in (("model.num_heads", model.num_heads), ("model.ffn_hidden_size", model.ffn_hidden_size),
-                      ("model.hidden_size", model.hidden_size)):
-        if size % tensor:
-            raise ConfigError("parallel.tensor", tensor, f"must divide {key}={size}")
-    if model.padded_vocab_size % tensor:
-        raise ConfigError("parallel.tensor", tensor, f"must divide the padded vocabulary {model.padded_vocab_size}; "
-                          f"set model.pad_vocab_to_multiple_of to a multiple of {tensor}")
-    if pipeline > model.num_layers:
-        raise ConfigError("parallel.pipeline", pipeline, f"exceeds model.num_layers={model.num_layers}: every "
-                          "pipeline stage needs at least one layer")
+    family_of(model).check_layout(model, tensor, pipeline)  # what the family's shapes allow
     if pipeline > 1 and zero_stage > 1:
         raise ConfigError("parallel.zero_stage", zero_stage, "ZeRO-2/3 cannot be combined with pipeline parallelism "
                           "(DeepSpeed supports ZeRO-1 with pipelines)")

@@ -10,7 +10,7 @@ from model.attention import supported_backends
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
 from common.errors import ConfigError
-from model.families import build_model, family_of
+from model.family import Batch, build_model, family_of
 
 VARIANTS = [dict(variant="softmax"), dict(variant="softmax1"), dict(variant="clipped_softmax"),
             dict(variant="clipped_softmax1"), dict(variant="learnable_sink"), dict(variant="softmax1", gated=True),
@@ -74,14 +74,14 @@ def test_mlm_loss_covers_only_labelled_positions() -> None:
     expected = F.cross_entropy(logits[keep], labels[keep])
     assert torch.allclose(model(ids, attention_mask=mask, labels=labels), expected, atol=1e-6)
     family = family_of(model.config)
-    assert family.objective == "mlm" and family.num_targets(labels) == 4
+    assert family.objective == "mlm" and family.num_targets(Batch(ids, labels)) == 4
 
 
 def test_families_build_the_right_model_and_bad_family_is_one_line() -> None:
     cfg = tiny_bert().config
     assert isinstance(build_model(cfg, seq_length=16), BertForMaskedLM)
     batch = torch.stack([torch.stack([torch.arange(5), torch.full((5,), -100)])] * 2)
-    inputs_, labels = family_of(cfg).split_batch(batch)
+    inputs_, labels = family_of(cfg).collate(list(batch)).as_tuple()
     assert inputs_.shape == labels.shape == (2, 5)
     with pytest.raises(ConfigError, match="model.family") as info:
         ModelConfig(family="t5").validate()

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_pretrain, tiny_overrides
 from launcher.evaluate import evaluate_checkpoint, main
-from outliers.report import SUMMARY_KEYS
+from model.family import spec_for
+from outliers.report import summary_keys
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,8 @@ def evaluated_run(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "W8A8 ppl" in result.stdout and "W8A8 val ppl" in result.stdout  # periodic line and final summary
     return runs / "oe"
+
+SUMMARY_KEYS = summary_keys(spec_for("opt"))  # the OPT runs' headline keys
 
 
 def test_periodic_evaluation_is_logged_saved_and_summarised(evaluated_run: Path) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from data_pipeline.mlm import IGNORE_INDEX, Masker, MaskingRule
 from model.bert import BertForMaskedLM
 from model.config import AttentionConfig, ModelConfig
-from model.families import family_of
+from model.family import family_of
 from outliers.plots import per_layer_grid, tensorboard_tag
 from outliers.ptq import (PTQSettings, QuantLinear, act_quantizers, calibrate, quantize_w8a8, quantize_weight,
                           resolve_settings)
@@ -64,7 +64,7 @@ def inputs_of(batch: list[torch.Tensor]) -> torch.Tensor:
 
 def test_examples_are_mlm_examples() -> None:
     batch = torch.stack(examples(6))
-    ids, labels = family_of(tiny_bert().config).split_batch(batch)
+    ids, labels = family_of(tiny_bert().config).collate(list(batch)).as_tuple()
     assert ids.shape == labels.shape == (6, SEQ)
     masked = labels != IGNORE_INDEX
     assert 0 < int(masked.sum()) < masked.numel() and (ids[:, 0] == TOKENIZER.cls_id).all()
@@ -134,7 +134,7 @@ def test_per_layer_grid_table_and_tags_for_bert() -> None:
                                            ("learnable_sink", False), ("softmax", True), ("softmax1", True)])
 def test_quantized_copy_with_quantizers_off_computes_the_same_model(variant: str, gated: bool) -> None:
     model = tiny_bert(variant, gated)
-    ids, labels = family_of(model.config).split_batch(torch.stack(examples(3)))
+    ids, labels = family_of(model.config).collate(examples(3)).as_tuple()
     qmodel = quantize_w8a8(model, PTQSettings(quantize_weights=False))
     assert all(q.mode == "off" for q in act_quantizers(qmodel))
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_quantized_copy_with_quantizers_off_computes_the_same_model(variant: str
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(qmodel(ids, labels=labels), model(ids, labels=labels), rtol=1e-6, atol=1e-6)
     # ... and with W8A8 on, the MLM loss moves only a little for a well-behaved model
-    calibrate(qmodel, block_batches(examples(8, seed=2), 4))
+    calibrate(qmodel, block_batches(examples(8, seed=2), 4, family_of(model.config)))
     with torch.no_grad():
         fp_loss, q_loss = float(model(ids, labels=labels)), float(qmodel(ids, labels=labels))
     assert q_loss != fp_loss and abs(q_loss - fp_loss) < 0.05 * fp_loss

@@ -15,7 +15,7 @@ from launcher.planner import (LayoutChoice, activation_bytes, candidate_layouts,
                               layer_params, model_states, plan_layout, stage_layers, stage_params, suggest,
                               total_params)
 from launcher.throughput import flops_per_token
-from model.families import build_model
+from model.family import build_model
 
 # A model small enough to count by hand: h=8, f=32, 2 heads, 2 layers, vocabulary 16, 8 positions.
 SMALL = {"model": {"num_layers": 2, "hidden_size": 8, "num_heads": 2, "ffn_hidden_size": 32,

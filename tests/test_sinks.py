@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from model.config import AttentionConfig, ModelConfig
-from model.families import build_model
-from outliers.report import SUMMARY_KEYS, EvalSettings, evaluate_model, format_table
+from model.family import build_model, spec_for
+from outliers.report import EvalSettings, summary_keys, evaluate_model, format_table
 from outliers.sinks import SinkHooks, first_over_median, head_statistics, summarize_sinks
 
 SEQ, HEADS = 12, 4
+
+SUMMARY_KEYS = summary_keys(spec_for("opt"))  # the OPT runs' headline keys
 
 
 def uniform_model(variant: str, family: str = "opt", gated: bool = False, sink: float = 0.0) -> torch.nn.Module:

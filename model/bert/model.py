@@ -19,6 +19,7 @@ from torch import nn
 from model.attention import MultiHeadAttention
 from model.config import ModelConfig
 from model.layers import IGNORE_INDEX, LocalLayers
+from model.taps import Tap
 
 
 def _replicated_embedding(num: int, dim: int, std: float) -> nn.Embedding:
@@ -37,6 +38,7 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = _replicated_embedding(cfg.type_vocab_size, cfg.hidden_size, cfg.init_std)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.embed_sum = Tap()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.finish(self.word_embeddings(input_ids), token_type_ids)
@@ -47,7 +49,7 @@ class BertEmbeddings(nn.Module):
         types = (self.token_type_embeddings(token_type_ids) if token_type_ids is not None
                  else self.token_type_embeddings.weight[0])
         positions = self.position_embeddings.weight[:words.shape[1]]
-        return self.dropout(self.LayerNorm(words + types + positions))
+        return self.dropout(self.LayerNorm(self.embed_sum(words + types + positions)))
 
 
 class BertAttentionOutput(nn.Module):
@@ -57,9 +59,10 @@ class BertAttentionOutput(nn.Module):
         super().__init__()
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual = Tap()  # the residual sum, post-LN's input (quantized by W8A8)
 
     def forward(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(attended) + residual)
+        return self.LayerNorm(self.residual(self.dropout(attended) + residual))
 
 
 class BertAttention(nn.Module):
@@ -78,9 +81,10 @@ class BertIntermediate(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: LocalLayers) -> None:
         super().__init__()
         self.dense = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.activation = Tap(fused_with="dense")  # GELU(dense(x)), what output.dense reads (quantized by W8A8)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(hidden))
+        return self.activation(F.gelu(self.dense(hidden)))
 
 
 class BertOutput(nn.Module):
@@ -91,9 +95,10 @@ class BertOutput(nn.Module):
         self.dense = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual = Tap()  # the residual sum, post-LN's input (quantized by W8A8)
 
     def forward(self, intermediate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(intermediate)) + residual)
+        return self.LayerNorm(self.residual(self.dropout(self.dense(intermediate)) + residual))
 
 
 class BertLayer(nn.Module):

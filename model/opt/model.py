@@ -15,6 +15,7 @@ from torch import nn
 from model.attention import MultiHeadAttention
 from model.config import ModelConfig
 from model.layers import IGNORE_INDEX, LocalLayers
+from model.taps import Tap
 
 POSITION_OFFSET = 2  # OPT reserves the first two position rows (a fairseq legacy).
 
@@ -45,10 +46,11 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.attn_residual, self.ffn_residual = Tap(), Tap()  # the residual sums (quantized by W8A8)
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = hidden + self.dropout(self.self_attn(self.self_attn_layer_norm(hidden), attn_mask))
-        return hidden + self.dropout(self.fc2(torch.relu(self.fc1(self.final_layer_norm(hidden)))))
+        hidden = self.attn_residual(hidden + self.dropout(self.self_attn(self.self_attn_layer_norm(hidden), attn_mask)))
+        return self.ffn_residual(hidden + self.dropout(self.fc2(torch.relu(self.fc1(self.final_layer_norm(hidden))))))
 
 
 class OPTDecoder(nn.Module):
@@ -58,10 +60,11 @@ class OPTDecoder(nn.Module):
         self.embed_positions = LearnedPositions(cfg.max_position_embeddings, cfg.hidden_size, layers)
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, seq_length, layers) for _ in range(cfg.num_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embed_sum = Tap()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq = input_ids.shape
-        hidden = self.embed_tokens(input_ids) + self.embed_positions(attention_mask, batch, seq)
+        hidden = self.embed_sum(self.embed_tokens(input_ids) + self.embed_positions(attention_mask, batch, seq))
         key_mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
         for layer in self.layers:
             hidden = layer(hidden, key_mask)
