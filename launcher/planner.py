@@ -19,6 +19,7 @@ from typing import Any
 
 from launcher.throughput import PEAK_TFLOPS, flops_per_token
 from model.config import ModelConfig
+from common.errors import ConfigError
 from model.family import family_of
 
 GIB = 2**30
@@ -265,6 +266,9 @@ def resolve_precision(precision: str, device_kind: str) -> str:
 
 def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4) -> Plan:
     """The plan of `cfg` (a RunConfig) in `layout` on `device`: the busiest rank's bytes and the step time."""
+    if not family_of(cfg.model).plannable:
+        raise ConfigError("model.family", cfg.model.family, "has no memory model in launcher.plan (the planner "
+                          "models the text transformers: opt, bert)")
     m, seq = cfg.model, cfg.data.seq_length
     precision = resolve_precision(cfg.train.precision, device.kind)
     act_bytes = 4 if precision == "fp32" else 2
@@ -368,6 +372,8 @@ def device_named(name: str | None, memory_gib: float | None = None, peak_tflops:
 def run_plan_line(cfg: Any, world_size: int, device_type: str) -> str:
     """The one-line plan of a run as launched (launcher.pretrain prints it at start): the configured layout on
     `world_size` ranks, against this machine's accelerator (its total memory) or host memory."""
+    if not family_of(cfg.model).plannable:
+        return f"plan: launcher.plan has no memory model for model.family={cfg.model.family}"
     if device_type == "cuda":
         import torch
 

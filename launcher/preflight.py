@@ -22,10 +22,11 @@ def preflight(cfg: RunConfig) -> None:
         resolve_backend(cfg.attention.backend, cfg.attention.variant, device)
     except ValueError as error:  # e.g. triton without a GPU or interpreter, sdpa with clipped softmax
         raise ConfigError("attention.backend", cfg.attention.backend, str(error)) from None
-    if cfg.attention.backend == "triton" and cfg.model.attention_dropout > 0:
+    if cfg.attention.backend == "triton" and getattr(cfg.model, "attention_dropout", 0.0) > 0:
         raise ConfigError("attention.backend", "triton", "the fused kernel has no attention dropout; set "
                           "model.attention_dropout=0 or another backend")
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision", "fp16", "needs a CUDA GPU (on CPU use fp32 or bf16)")
     check_writable_dir(cfg.run_path, "logging.run_dir/run_name")
-    check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    if getattr(cfg.data, "cache_dir", None):  # the text families cache tokenizers and corpora there
+        check_writable_dir(cfg.data.cache_dir, "data.cache_dir")

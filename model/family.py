@@ -116,8 +116,10 @@ class FamilySpec(ABC):
     causal_lm: ClassVar[bool] = False  # lm-eval and data.bos need a causal language model
     supports_tensor_parallel: ClassVar[bool] = True
     supports_pipeline: ClassVar[bool] = True
+    plannable: ClassVar[bool] = False  # launcher.plan has a memory model of this family
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
     clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
+    memory_model: ClassVar[bool] = False  # launcher/planner.py knows its memory terms (the start-up plan line)
 
     # ------------------------------------------------------------------ model and config
     @abstractmethod

@@ -88,7 +88,8 @@ class SinkHooks:
             self._handles.append(attn.register_forward_pre_hook(self._attention_hook(j), with_kwargs=True))
             if attn.gate is not None:
                 self._handles.append(attn.gate.register_forward_hook(self._gate_hook(j)))
-            self._handles.append(hook_activation(self.model, self.residual[j], self._residual_hook(j)))
+            if j < len(self.residual):  # a family without residual_streams gets no residual ratio
+                self._handles.append(hook_activation(self.model, self.residual[j], self._residual_hook(j)))
         return self
 
     def __exit__(self, *exc: object) -> None:
