@@ -195,9 +195,10 @@ def train(prep: Prepared) -> dict[str, Any]:
               f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s) as "
               f"{layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
               f"{cfg.train.global_batch_size} x {example_length} tokens", flush=True)
-        from launcher.planner import run_plan_line  # launcher.plan's memory total of this layout (issue 18)
+        if prep.spec.memory_model:
+            from launcher.planner import run_plan_line  # launcher.plan's memory total of this layout (issue 18)
 
-        print(run_plan_line(cfg, world.world_size, device.type), flush=True)
+            print(run_plan_line(cfg, world.world_size, device.type), flush=True)
 
     def checkpoint(at_step: int) -> None:
         if not weights_finite(engine.module):  # never reached through the guard; a last line of defence

@@ -195,6 +195,6 @@ def _max_examples(cfg: Any) -> int | None:
 
 def _label_smoothing(model: nn.Module) -> float:
     """The objective's label smoothing of a VisionTransformer, also behind wrappers (DeepSpeed's `.module`)."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
+    while hasattr(model, "module"):  # DeepSpeed's engine (whose own `config` is its settings)
         model = model.module
     return float(model.config.label_smoothing)
