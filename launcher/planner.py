@@ -372,8 +372,6 @@ def device_named(name: str | None, memory_gib: float | None = None, peak_tflops:
 def run_plan_line(cfg: Any, world_size: int, device_type: str) -> str:
     """The one-line plan of a run as launched (launcher.pretrain prints it at start): the configured layout on
     `world_size` ranks, against this machine's accelerator (its total memory) or host memory."""
-    if not family_of(cfg.model).plannable:
-        return f"plan: launcher.plan has no memory model for model.family={cfg.model.family}"
     if device_type == "cuda":
         import torch
 

@@ -119,7 +119,6 @@ class FamilySpec(ABC):
     plannable: ClassVar[bool] = False  # launcher.plan has a memory model of this family
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
     clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
-    memory_model: ClassVar[bool] = False  # launcher/planner.py knows its memory terms (the start-up plan line)
 
     # ------------------------------------------------------------------ model and config
     @abstractmethod

@@ -17,7 +17,6 @@ class TextFamilySpec(FamilySpec):
     objective: ClassVar[str]  # which examples data_pipeline/examples.py makes: "causal" or "mlm"
     metrics = (Metric("ppl", "ppl", higher_is_better=False),)
     plannable = True
-    memory_model = True  # launcher/planner.py's terms are the text transformers'
 
     @property
     def model_config_class(self) -> type:  # type: ignore[override]
