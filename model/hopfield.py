@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import scaled_dot_product
+from model.attention import AttentionTaps, scaled_dot_product
 from model import variants
 from model.softmax import sparsemax  # noqa: F401 (part of this module's API)
 
@@ -247,6 +247,8 @@ class Hopfield(nn.Module):
         self.num_heads, self.update_steps = num_heads, update_steps
         self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(hidden_size)
         self.dropout, self.backend = dropout, backend
+        # The eager path's scores, weights and retrieved context: what quantized evaluation intercepts (model/taps.py).
+        self.taps = AttentionTaps(gated=False)
         targets = _normalize_targets(normalize)
         self.norm_state = nn.LayerNorm(input_size) if "state" in targets else nn.Identity()
         self.norm_stored = nn.LayerNorm(stored_size) if "stored" in targets else nn.Identity()
@@ -321,10 +323,13 @@ class Hopfield(nn.Module):
             # Reuse the project's attention so one step is *the same computation* as softmax1 attention.
             return scaled_dot_product(q, k, v, variant=self.separation_name, causal=False, backend=self.backend,
                                       attn_mask=mask, dropout_p=dropout_p, scale=self.beta)
-        weights = self._weights(q, k, mask)
+        logits = self.taps.scores(torch.matmul(q, k.transpose(-1, -2)) * self.beta)  # tapped before masking
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = self.taps.probs(self.separation(logits))
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        return torch.matmul(weights, v)
+        return self.taps.context(torch.matmul(weights, v))
 
     def forward(self, state: torch.Tensor, stored: torch.Tensor | None = None,
                 projection: torch.Tensor | None = None, *, stored_mask: torch.Tensor | None = None,

@@ -236,22 +236,27 @@ def test_spec_metrics_and_outlier_modules(tmp_path: Path) -> None:
     assert SPEC.flops_per_example(cfg) > 0
 
 
-def test_w8a8_copy_matches_with_quantizers_off_and_stays_close_calibrated(tmp_path: Path) -> None:
-    from outliers.ptq import PTQSettings, act_quantizers, set_mode
+def test_w8a8_copy_quantizes_the_hopfield_association_and_matches_with_quantizers_off() -> None:
+    from model.hopfield import Hopfield
+    from outliers.ptq import ActQuantizer, PTQSettings, QuantLinear, calibrate, quantize_w8a8
 
     torch.manual_seed(0)
     model = STanHopNet(small_model(variant="entmax", memory_patterns=4)).eval()
     x = torch.randn(8, 24, 2)
-    off = SPEC.quantize(model, PTQSettings(weight_range="minmax", quantize_weights=False))
-    torch.testing.assert_close(off(x), model(x), rtol=1e-5, atol=1e-5)
-    qmodel = SPEC.quantize(model, PTQSettings(weight_range="minmax"))
-    set_mode(qmodel, "observe")
-    qmodel(x)
-    for quantizer in act_quantizers(qmodel):
-        quantizer.freeze()
-    set_mode(qmodel, "quantize")
     with torch.no_grad():
-        error = float((qmodel(x) - model(x)).square().mean() / model(x).square().mean())
+        reference = model(x)
+        off = quantize_w8a8(model, PTQSettings(quantize_weights=False))
+        torch.testing.assert_close(off(x), reference, rtol=1e-5, atol=1e-5)  # quantizers off: the model itself
+        qmodel = quantize_w8a8(model, PTQSettings())
+        hopfields = [m for m in qmodel.modules() if isinstance(m, Hopfield)]
+        assert all(isinstance(h.taps.scores, ActQuantizer) and isinstance(h.taps.probs, ActQuantizer)
+                   and isinstance(h.taps.context, ActQuantizer) for h in hopfields)
+        assert isinstance(qmodel.encoder[0].block.norm1.residual, ActQuantizer)  # residual sums (post-LN inputs)
+        assert isinstance(qmodel.decoder[0].predict, torch.nn.Linear)  # the forecast heads stay fp32
+        assert isinstance(qmodel.decoder[0].mlp[0], QuantLinear)
+        assert not torch.equal(qmodel.enc_pos.weight, model.enc_pos.weight)  # learned positions quantized
+        calibrate(qmodel, [x])
+        error = float((qmodel(x) - reference).square().mean() / reference.square().mean())
     assert 0 < error < 0.05
 
 

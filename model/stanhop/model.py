@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
+from model.taps import Tap
 
 from model.stanhop.config import StanhopConfig
 from model.stanhop.normaliser import make_separation
@@ -30,6 +31,30 @@ from model.stanhop.normaliser import make_separation
 
 def _mlp(d_model: int, d_ff: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+
+class ResidualNorm(nn.Module):
+    """Post-LN: the LayerNorm of a residual sum. The sum is tapped: W8A8 evaluation quantizes it (model/taps.py)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.residual = Tap()
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.residual(x))
+
+
+class LearnedPositions(nn.Module):
+    """Learned per-series, per-segment positions [1, N, S, D] added to the input (a module with a `weight`,
+    so W8A8 evaluation quantizes it like an embedding table)."""
+
+    def __init__(self, num_series: int, segments: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, num_series, segments, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
 
 
 class SegmentEmbedding(nn.Module):
@@ -83,7 +108,7 @@ class STanHopBlock(nn.Module):
         self.series_hopfield = Hopfield(d, num_heads=heads, dropout=p, backend=backend,
                                         separation=make_separation(attention, heads, cfg.pool_queries))
         self.dropout = nn.Dropout(p)
-        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(d) for _ in range(4))
+        self.norm1, self.norm2, self.norm3, self.norm4 = (ResidualNorm(d) for _ in range(4))
         self.time_mlp, self.series_mlp = _mlp(d, cfg.d_ff), _mlp(d, cfg.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +133,7 @@ class MemoryPlugin(nn.Module):
                                     separation=make_separation(cfg.attention, cfg.num_heads, cfg.memory_patterns),
                                     dropout=cfg.dropout,
                                     backend=cfg.attention.backend)
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = ResidualNorm(cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, num_series, segments, d = x.shape
@@ -143,7 +168,7 @@ class DecoderLayer(nn.Module):
         self.cross_hopfield = Hopfield(d, num_heads=cfg.num_heads, dropout=cfg.dropout, backend=cfg.attention.backend,
                                        separation=make_separation(cfg.attention, cfg.num_heads, memory_segments))
         self.dropout = nn.Dropout(cfg.dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm1, self.norm2 = ResidualNorm(d), ResidualNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.predict = nn.Linear(d, cfg.seg_len)
 
@@ -166,12 +191,12 @@ class STanHopNet(nn.Module):
         self.config = cfg
         d = cfg.d_model
         self.embed = SegmentEmbedding(cfg.seg_len, d, cfg.in_len)
-        self.enc_pos = nn.Parameter(torch.randn(1, cfg.num_series, cfg.in_segments, d))
-        self.pre_norm = nn.LayerNorm(d)
+        self.enc_pos = LearnedPositions(cfg.num_series, cfg.in_segments, d)
+        self.pre_norm = ResidualNorm(d)
         segments = cfg.scale_segments()  # per encoder scale, the embedding's first
         self.encoder = nn.ModuleList(EncoderScale(cfg, merge=i > 0 and cfg.merge_window > 1, segments=segments[i + 1])
                                      for i in range(cfg.num_layers))
-        self.dec_pos = nn.Parameter(torch.randn(1, cfg.num_series, cfg.out_segments, d))
+        self.dec_pos = LearnedPositions(cfg.num_series, cfg.out_segments, d)
         self.decoder = nn.ModuleList(DecoderLayer(cfg, memory_segments=segments[i]) for i in range(cfg.num_layers + 1))
 
     def forecast(self, series: torch.Tensor) -> torch.Tensor:
@@ -179,12 +204,12 @@ class STanHopNet(nn.Module):
         if series.dim() != 3 or tuple(series.shape[1:]) != (cfg.in_len, cfg.num_series):
             raise ValueError(f"series: expected [batch, in_len={cfg.in_len}, num_series={cfg.num_series}], "
                              f"got {tuple(series.shape)}")
-        x = self.pre_norm(self.embed(series) + self.enc_pos)
+        x = self.pre_norm(self.enc_pos(self.embed(series)))
         scales = [x]
         for scale in self.encoder:
             x = scale(x)
             scales.append(x)
-        y = self.dec_pos.expand(series.shape[0], -1, -1, -1)
+        y = self.dec_pos.weight.expand(series.shape[0], -1, -1, -1)
         prediction = 0
         for layer, memory in zip(self.decoder, scales):
             y, layer_prediction = layer(y, memory)

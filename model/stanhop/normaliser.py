@@ -4,9 +4,10 @@ held by the Hopfield layer that uses it.
 
 STanHop's own normaliser is alpha-entmax with a learnable alpha (the registry's `entmax`: alpha = 1 +
 sigmoid(a), learned per head, entmax package's bisection); OutEffHop's study swaps in softmax, softmax1,
-sparsemax, clipped softmax and clipped softmax1. Variants with fused backends and nothing to configure or
-learn (softmax, softmax1) are passed to model.hopfield by name, which runs them through model.attention's
-fused kernels; the rest run eagerly through `RegistrySeparation`.
+sparsemax, clipped softmax and clipped softmax1. Every variant runs through `RegistrySeparation`, i.e.
+model.hopfield's eager path, fused-capable softmax/softmax1 included: its taps (scores, weights, context) are
+what W8A8 evaluation quantizes, so all normalisers are quantized alike (the association matrices here are
+[segments x segments] or [series x queries], small enough that a fused kernel would gain little).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 
 from model import variants
 from model.config import AttentionConfig
-from model.hopfield import SeparationSpec
 
 
 class RegistrySeparation(nn.Module):
@@ -38,11 +38,8 @@ class RegistrySeparation(nn.Module):
         return f"variant={self.variant}, keywords={self.keywords}"
 
 
-def make_separation(attention: AttentionConfig, num_heads: int, num_stored: int) -> SeparationSpec:
+def make_separation(attention: AttentionConfig, num_heads: int, num_stored: int) -> RegistrySeparation:
     """A fresh separation for one Hopfield layer with `num_heads` heads over `num_stored` stored patterns
     (the length clipped variants scale gamma by when attention.alpha is set)."""
-    variant = variants.get(attention.variant)
-    settings = variants.settings_of(attention)
-    if variant.backends and not variant.head_params and not variant.settings:
-        return attention.variant
-    return RegistrySeparation(attention.variant, variants.keywords_of(attention, num_stored), num_heads, settings)
+    keywords = variants.keywords_of(attention, num_stored)
+    return RegistrySeparation(attention.variant, keywords, num_heads, variants.settings_of(attention))

@@ -130,11 +130,9 @@ class StanhopSpec(FamilySpec):
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return []  # Hopfield layers, not model.attention.MultiHeadAttention: no attention-sink metrics
 
-    def quantize(self, model: nn.Module, settings: Any) -> nn.Module:
-        """The W8A8 fake-quantized copy (model/stanhop/ptq.py); calibrate it with outliers.ptq.calibrate."""
-        from model.stanhop.ptq import quantize_stanhop
-
-        return quantize_stanhop(model, settings)
+    def ptq_fp32_modules(self, model: nn.Module) -> set[str]:
+        """The per-segment prediction heads, whose summed outputs are the forecast (the LM head's counterpart)."""
+        return {f"{DECODER_PREFIX}{j}.predict" for j in range(len(model.decoder))}
 
     # ------------------------------------------------------------------ cost
     def flops_per_example(self, cfg: Any) -> float:
