@@ -75,7 +75,8 @@ def test_model_trains_and_w8a8_quantizes_the_variant() -> None:
 
 
 @pytest.mark.slow
-def test_study_trains_and_evaluates_the_variant(data_cache: Path, tmp_path: Path) -> None:
+def test_study_trains_and_evaluates_the_variant(data_cache: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
     overrides = tiny_overrides(data_cache, tmp_path / "runs", **{
         "train.steps": 3, "eval.interval": 3, "eval.outlier_interval": 3, "eval.max_blocks": 4,
@@ -83,7 +84,8 @@ def test_study_trains_and_evaluates_the_variant(data_cache: Path, tmp_path: Path
     args = ["--config", "configs/opt_tiny.yaml", "--variants", f"softmax1,{VARIANT}", "--out", str(out)]
     for override in overrides:
         args += ["--set", override]
-    assert study.main(args) == 0
+    assert study.main(args) == 0, capsys.readouterr().err + "".join(
+        log.read_text()[-2000:] for log in out.glob("*.log"))
     results = json.loads((out / "study.json").read_text())["variants"]
     assert set(results) == {"softmax1", VARIANT}
     for name, result in results.items():
