@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from launcher.throughput import PEAK_TFLOPS, flops_per_token
+from model import variants
 from model.config import ModelConfig
 from common.errors import ConfigError
 from model.family import family_of
@@ -28,8 +29,6 @@ MASTER_BYTES = 4  # fp32 master weights (mixed precision, and the ZeRO optimizer
 FP32_GRAD_BYTES = 4  # fp32 gradients the mixed-precision / ZeRO optimizers step on
 # Tensor-parallel degrees the suggestions try (megatron's advice: within a node).
 TP_CHOICES = (1, 2, 4, 8)
-SDPA_VARIANTS = ("softmax", "softmax1")
-TRITON_VARIANTS = ("softmax1", "learnable_sink")
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def layer_params(m: ModelConfig, tp: int = 1) -> int:
     ffn = (h * f + f) // tp + f * h // tp + h
     norms = 2 * 2 * h
     local_heads, head_dim = heads // tp, h // heads
-    extra = local_heads if m.attention.variant == "learnable_sink" else 0
+    extra = local_heads * len(variants.get(m.attention.variant).head_params)  # e.g. the learnable sink's logits
     if m.attention.gated:
         if m.attention.gate_type == "mlp":
             g = m.attention.gate_hidden
@@ -188,10 +187,12 @@ def model_states(params: int, largest_layer: int, dp: int, zero_stage: int, prec
 
 def materializes_scores(m: ModelConfig, device_kind: str) -> bool:
     """True when the attention backend keeps [heads, T, T] tensors (eager): model/attention.py's `auto` picks
-    the fused Triton kernel on CUDA for softmax1/learnable_sink, SDPA for softmax/softmax1, else eager."""
+    a fused backend the variant registers (Triton on CUDA for softmax1/learnable_sink, SDPA for softmax/softmax1),
+    else eager."""
     backend, variant = m.attention.backend, m.attention.variant
-    if backend == "auto":
-        return not (variant in SDPA_VARIANTS or (device_kind == "cuda" and variant in TRITON_VARIANTS))
+    if backend == "auto":  # a fused backend that `auto` picks on this device kind (model/variants.py)
+        return not any(fused.auto_on is None or device_kind in fused.auto_on
+                       for fused in variants.get(variant).backends.values())
     return backend == "eager"
 
 
