@@ -25,7 +25,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertForMaskedLM, BertSelfAttention
 
-from .outeffhop_attention import VARIANTS, attach_variant, eager_attention, init_variant_weights, mask_to_allowed
+from .outeffhop_attention import (VARIANTS, attach_variant, eager_attention, init_variant_weights, mask_to_allowed,
+                                  register_attention)
 
 try:  # transformers 5: init functions that skip weights loaded from the checkpoint
     from transformers import initialization as init
@@ -51,14 +52,7 @@ def outeffhop_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     return eager_attention(module, query, key, value, mask_to_allowed(attention_mask, key.shape[-2]), scaling, dropout)
 
 
-try:  # a name transformers accepts only once this file is loaded (see the module docstring)
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, outeffhop_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # boolean masks, None without padding
-except ImportError:  # pragma: no cover - transformers 4: no such registries (use transformers 5)
-    pass
+register_attention(ATTN_IMPLEMENTATION, outeffhop_attention)  # a name transformers accepts once this file is loaded
 
 
 class OutEffHopBertSelfAttention(BertSelfAttention):

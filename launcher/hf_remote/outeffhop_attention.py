@@ -3,7 +3,8 @@
 One definition for the training code (model/softmax.py and model/attention.py import it) and for every
 exported Hugging Face folder, where it ships next to the family's modeling file (imported as
 `from .outeffhop_attention import ...`; transformers' trust_remote_code loader copies it along).
-Self-contained: it imports only torch (and transformers nowhere), so an export loads without this project.
+Self-contained: it imports only torch (transformers only inside `register_attention`), so an export loads
+without this project and the training code does not import transformers through it.
 
 softmax1(x)_i = exp(x_i) / (1 + sum_j exp(x_j)) (OutEffHop, arXiv 2404.03828): attention may put weight on
 "nothing". Every function takes logits whose masked entries are -inf and normalises over the last dim; a
@@ -158,3 +159,16 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     probs = VARIANTS[module.variant](logits, **settings).to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def register_attention(name: str, function: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Make `name` an attn_implementation transformers accepts (boolean masks, None where nothing is masked),
+    computed by `function`: a model config naming it is refused by transformers' stock classes, which lack
+    the variant's parameters, instead of silently running plain softmax attention. No-op on transformers 4."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # pragma: no cover - transformers 4: no such registries (use transformers 5)
+        return
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
