@@ -77,7 +77,7 @@ class TrainConfig:
     # time-limited jobs); the schedule still runs to `steps` over the resumed runs.
     exit_interval: int | None = None
     # Start from these weights (fresh optimizer and data stream): a weights-only checkpoint (launcher.import_hf,
-    # parallel.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
+    # launcher.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
     init_from: str | None = None
     # A step whose loss or gradient is inf/NaN is never applied; then `stop` the run (exit code 1, the last
     # checkpoint stays `latest`) or `skip` that update and go on, at most max_nonfinite_skips steps in a row.

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
+from common.distributed import barrier  # noqa: F401  (launcher modules import it from here)
 from common.errors import ProjectError
 
 if TYPE_CHECKING:  # torch is imported where it is used: launcher.slurm runs in the batch step, before any rank
@@ -151,10 +152,3 @@ def close_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

@@ -6,7 +6,7 @@ perplexity over the positions the fixed evaluation masks of data.mlm_eval_seed s
     python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
 
 --checkpoint takes a step directory, a checkpoints directory (follows `latest`), a run directory or a
-weights-only checkpoint (launcher.import_hf, parallel.consolidate); every layout is read through
+weights-only checkpoint (launcher.import_hf, launcher.consolidate); every layout is read through
 launcher.hf_checkpoint. The model is rebuilt from the run's config.yaml and evaluated exactly as during
 training (outliers/report.py, same validation and calibration blocks), so when the step directory holds the
 in-training result (outliers.json) the numbers are compared and must be identical.

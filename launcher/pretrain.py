@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from checkpoint.resume import check_resume_config, resume_point
+from checkpoint.runlock import RunDirInUse, RunLock
+from checkpoint.store import DATA, PARALLEL, last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
 from data_pipeline.cache_rollback import remove_new_cache_files_on_error
-from launcher.checkpoint import last_checkpoint_note, load_checkpoint, read_latest, save_checkpoint, step_tag
 from launcher.config import RunConfig, config_text, load_config, save_config
 from launcher.distributed import WorldInfo, close_process_group, init_process_group, world_from_env
 from launcher import json_safe
@@ -36,8 +38,6 @@ from launcher.metrics import MetricsLogger
 from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, RunFailure, any_rank, skip_nonfinite_updates, weights_finite
 from launcher.preflight import preflight
 from launcher.quiet import quiet_library_noise
-from launcher.resume import check_resume_config, resume_point
-from launcher.runlock import RunDirInUse, RunLock
 from launcher.schedule import build_scheduler, retarget_scheduler
 from launcher.signals import GracefulStop
 from launcher.slurm import slurm_attempt
@@ -46,7 +46,6 @@ from model.attention import resolve_backend
 from common.errors import ConfigError, ProjectError
 from model.family import FamilyData, FamilySpec, family_of
 from parallel.layout import Layout, validate_layout
-from parallel.random import TRACKER
 from outliers.periodic import PeriodicOutlierEval, check_config as check_outlier_config
 
 log = logging.getLogger("launcher.pretrain")
@@ -91,7 +90,8 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     resume_from, note = resume_point(cfg.run_path, resume, world.world_size)
     if note and world.is_main:  # e.g. the newest checkpoint is damaged and an older one is used
         print(f"note: {note}", file=sys.stderr, flush=True)
-    changed = check_resume_config(resume_from, cfg.to_dict()) if resume_from is not None else {}
+    defaults = RunConfig().to_dict()  # what a key the saved config lacks meant when it was written
+    changed = check_resume_config(resume_from, cfg.to_dict(), defaults) if resume_from is not None else {}
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
     spec = family_of(cfg.model)
     # A bad data file leaves no cache behind (text families cache tokenizers and corpora under data.cache_dir).
@@ -157,12 +157,10 @@ def train(prep: Prepared) -> dict[str, Any]:
     if not hasattr(engine.optimizer, "overflow"):  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip inf/NaN themselves
         skip_nonfinite_updates(engine.optimizer)
     run_path, checkpoint_dir = cfg.run_path, cfg.run_path / "checkpoints"
+    components = {DATA: prep.data.train, PARALLEL: pm}  # what saves its own state into every checkpoint
     step = 0
     if prep.resume_from is not None:  # before anything in the run directory changes
-        state = load_checkpoint(engine, *prep.resume_from, rank=world.rank)
-        prep.data.train.load_state_dict(state["data"])
-        TRACKER.load_state_dict(state["tp_rng"])
-        step = int(state["step"])
+        step = load_checkpoint(engine, *prep.resume_from, rank=world.rank, components=components)
         # This run's LR schedule and optimizer settings, not the checkpoint's (changing them on resume works).
         retarget_scheduler(engine.lr_scheduler, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
@@ -195,7 +193,7 @@ def train(prep: Prepared) -> dict[str, Any]:
               f"({backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s) as "
               f"{layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
               f"{cfg.train.global_batch_size} x {example_length} tokens", flush=True)
-        if prep.spec.memory_model:
+        if prep.spec.plannable:  # the planner models the text transformers
             from launcher.planner import run_plan_line  # launcher.plan's memory total of this layout (issue 18)
 
             print(run_plan_line(cfg, world.world_size, device.type), flush=True)
@@ -210,9 +208,7 @@ def train(prep: Prepared) -> dict[str, Any]:
                              f"{error.strerror or error}") from error
 
     def write_checkpoint(at_step: int) -> None:
-        save_checkpoint(engine, checkpoint_dir, at_step, world.rank,
-                        {"data": prep.data.train.state_dict(), "tp_rng": TRACKER.state_dict(),
-                         "manifest": pm.manifest()}, keep=cfg.train.keep_checkpoints,
+        save_checkpoint(engine, checkpoint_dir, at_step, world.rank, components, keep=cfg.train.keep_checkpoints,
                         files={"config.yaml": config_text(cfg)})  # what wrote it: resuming compares against it
 
     batch_iter = prep.spec.batches(prep.data.train, cfg.train.micro_batch_size)

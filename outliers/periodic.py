@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from launcher.distributed import barrier
+from common.distributed import barrier
 from common.errors import ConfigError
 from model.family import family_of
 from outliers.report import (EvalSettings, calibration_blocks, evaluate_model, model_from_state, one_line,

@@ -5,6 +5,8 @@ Every layout is built the same way: the full single-process model is initialised
 So TP/PP/DP runs start from exactly the weights of the single-process run, and weights move freely
 between layouts. Layouts: plain module (TP1 PP1), megatron-core TP layers (TP>1, DeepSpeed `mpu` =
 megatron-core's groups), DeepSpeed PipelineModule (PP>1, its topology gives the groups; TP inside).
+A ParallelModel saves and restores its own checkpoint state (state_dict: its TP RNG tracker and the
+parameter manifest that consolidation merges shards with).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
+from checkpoint.consolidate import merge_shards, parameter_files
 from model.config import ModelConfig
 from model.family import Batch, FamilySpec, build_model, family_of
 from model.layers import LocalLayers
@@ -25,8 +28,8 @@ from parallel.grad_clip import install_global_norm_clipping, uses_plain_optimize
 from parallel.groups import MegatronMPU, init_model_parallel
 from parallel.layout import Layout
 from parallel.pipeline import build_pipeline, canonical_name
-from parallel.random import seed_model_parallel_rng
-from parallel.sharding import load_full_state_dict, manifest, merge_shards
+from parallel.random import TRACKER, RNGStatesTracker, seed_model_parallel_rng
+from parallel.sharding import load_full_state_dict, manifest
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ParallelModel:
     name_map: Callable[[str], str]
     num_parameters: int
     family: FamilySpec
+    rng_tracker: RNGStatesTracker = TRACKER  # the TP dropout streams (parallel/random.py), saved with checkpoints
 
     @property
     def pipelined(self) -> bool:
@@ -64,18 +68,18 @@ class ParallelModel:
     def manifest(self) -> dict[str, Any]:
         """What consolidation needs to find and merge this rank's parameters in DeepSpeed's files."""
         params = manifest(self.module, self.name_map)
-        if self.pipelined:
-            files = {}
-            for name in params:
-                index = 0 if name.startswith("tied_modules.") else int(name.split(".", 1)[0])
-                local = name.split(".", 2)[2] if name.startswith("tied_modules.") else name.split(".", 1)[1]
-                path = self.module.ckpt_layer_path("", index - self.module._local_start)  # type: ignore[operator]
-                files[name] = {"file": path.lstrip("/"), "key": local}
-        else:
-            files = {name: {"file": f"mp_rank_{self.tp_rank:02d}_model_states.pt", "key": name} for name in params}
+        files = parameter_files(self.module, params, self.tp_rank)
         return {"layout": vars(self.layout), "tp_rank": self.tp_rank,
                 "pp_rank": ps.get_pipeline_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
                 "params": {name: {**params[name], **files[name]} for name in params}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's checkpoint state: the TP RNG streams and the parameter manifest."""
+        return {"tp_rng": self.rng_tracker.state_dict(), "manifest": self.manifest()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the TP RNG streams (the weights come back through DeepSpeed; the manifest is for reading)."""
+        self.rng_tracker.load_state_dict(state["tp_rng"])
 
 
 def _full_model(cfg: ModelConfig, seq_length: int, seed: int) -> nn.Module:

@@ -5,6 +5,7 @@ single-process state dict with the canonical (Hugging-Face-like) parameter names
 A parameter split over tensor-parallel ranks carries megatron-core's attributes
 `tensor_model_parallel` and `partition_dim`; its shard for TP rank r is chunk r of tp along that dim.
 Pipeline stages name their parameters differently; `name_map` translates them to canonical names.
+The way back (shards -> full, `merge_shards`) is consolidation's: checkpoint/consolidate.py.
 """
 
 from __future__ import annotations
@@ -52,31 +53,3 @@ def load_full_state_dict(module: nn.Module, full: Mapping[str, torch.Tensor], *,
                 raise ProjectError(f"{source}: '{canonical}' has shape {tuple(value.shape)}, this model expects "
                                    f"{tuple(param.shape)} (rank {tp_rank} of TP{tp_size})")
             param.copy_(value.to(param.dtype))
-
-
-def merge_shards(shards: list[tuple[Mapping[str, torch.Tensor], Mapping[str, dict], int]]) -> dict[str, torch.Tensor]:
-    """Consolidate [(state dict, manifest, tp_rank)] covering every TP rank of every pipeline stage.
-
-    Each manifest maps its parameter names to canonical names and partition dims. A parameter held by
-    several shards of the same TP rank (replicated over stages, e.g. the tied embedding on the first
-    and last stage) is taken once; split parameters are concatenated in TP-rank order.
-    """
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    dims: dict[str, int | None] = {}
-    for state, names, tp_rank in shards:
-        for name, info in names.items():
-            if name not in state:
-                raise ProjectError(f"checkpoint shard lacks parameter '{name}'")
-            canonical, dim = info["canonical"], info["partition_dim"]
-            dims[canonical] = dim
-            pieces.setdefault(canonical, {}).setdefault(tp_rank, state[name].detach().cpu())
-    merged = {}
-    for name, by_rank in pieces.items():
-        ranks = sorted(by_rank)
-        if dims[name] is None:
-            merged[name] = by_rank[ranks[0]]
-            continue
-        if ranks != list(range(len(ranks))):
-            raise ProjectError(f"checkpoint shards of '{name}' cover TP ranks {ranks}, not 0..{len(ranks) - 1}")
-        merged[name] = torch.cat([by_rank[r] for r in ranks], dim=dims[name])
-    return merged

@@ -12,9 +12,9 @@ from typing import Callable
 import pytest
 
 from conftest import run_pretrain, tiny_overrides, train_losses
-from launcher.checkpoint import COMPLETE, LATEST, read_latest, save_checkpoint
+from checkpoint.store import COMPLETE, LATEST, read_latest, save_checkpoint
 from launcher.pretrain import main
-from launcher.resume import resume_point
+from checkpoint.resume import resume_point
 from common.errors import ProjectError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -105,6 +105,16 @@ def test_fallback_resume_continues_exactly_from_the_older_checkpoint(trained_run
     assert resume_point(run, str(run / "checkpoints" / "step_6"), world_size=1)[0] is not None
 
 
+class _NoState:
+    """A checkpoint component with nothing to save."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class _Engine:
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
         (Path(save_dir) / tag / MODEL_FILE).write_bytes(b"weights")
@@ -120,7 +130,7 @@ def test_checkpoint_files_manifest_latest_and_folders_are_fsynced(tmp_path: Path
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    save_checkpoint(_Engine(), tmp_path, 3, 0, {"data": {}}, keep=2, files={"config.yaml": "x: 1\n"})
+    save_checkpoint(_Engine(), tmp_path, 3, 0, {"data": _NoState()}, keep=2, files={"config.yaml": "x: 1\n"})
     step = tmp_path / "step_3"
     for path in (step / MODEL_FILE, step / "rank_0.pt", step / "config.yaml", step, tmp_path):
         assert str(path.resolve()) in synced, path

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_pretrain, tiny_overrides
-from launcher.checkpoint import read_latest
-from launcher.resume import resume_point
+from checkpoint.store import read_latest
+from checkpoint.resume import resume_point
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_pretrain, tiny_overrides, train_losses
-from launcher.checkpoint import read_latest, resolve_checkpoint, save_checkpoint
+from checkpoint.store import read_latest, resolve_checkpoint, save_checkpoint
 from launcher.distributed import export_torch_env, world_from_env
 from launcher.slurm import expand_nodelist, launch_command, tasks_per_node
 from common.errors import ProjectError
@@ -221,6 +221,16 @@ def test_graceful_stop_hands_a_signal_on_only_after_a_normal_return() -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
+class _NoState:
+    """A checkpoint component with nothing to save."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class _CrashingEngine:
     """Writes part of a checkpoint, then dies: what a kill during checkpoint writing leaves behind."""
 
@@ -235,14 +245,14 @@ class _CrashingEngine:
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
-    save_checkpoint(_CrashingEngine(crash=False), tmp_path, 3, 0, {"data": {}}, keep=2)
+    save_checkpoint(_CrashingEngine(crash=False), tmp_path, 3, 0, {"data": _NoState()}, keep=2)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(_CrashingEngine(crash=True), tmp_path, 6, 0, {"data": {}}, keep=2)
+        save_checkpoint(_CrashingEngine(crash=True), tmp_path, 6, 0, {"data": _NoState()}, keep=2)
     assert read_latest(tmp_path) == "step_3"
     assert resolve_checkpoint(tmp_path, world_size=1) == (tmp_path, "step_3")
     with pytest.raises(ProjectError, match="incomplete"):
         resolve_checkpoint(tmp_path / "step_6", world_size=1)
-    save_checkpoint(_CrashingEngine(crash=False), tmp_path, 6, 0, {"data": {}}, keep=2)  # retried cleanly
+    save_checkpoint(_CrashingEngine(crash=False), tmp_path, 6, 0, {"data": _NoState()}, keep=2)  # retried cleanly
     assert read_latest(tmp_path) == "step_6" and (tmp_path / "step_6" / "complete").is_file()
 
 
@@ -288,7 +298,7 @@ def test_tp2_pp2_checkpoint_consolidates_into_one_process(data_cache: Path, tmp_
     assert summary["layout"] == {"tensor": 2, "pipeline": 2, "data": 1}
 
     out = tmp_path / "consolidated"
-    done = subprocess.run([sys.executable, "-m", "parallel.consolidate", "--checkpoint", str(run / "checkpoints"),
+    done = subprocess.run([sys.executable, "-m", "launcher.consolidate", "--checkpoint", str(run / "checkpoints"),
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     cfg, state = load_full_state_dict(out)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_pretrain, tiny_overrides
-from launcher.checkpoint import read_latest, resolve_checkpoint
+from checkpoint.store import read_latest, resolve_checkpoint
 from launcher.schedule import lr_at
 from launcher.nonfinite import NonFiniteGuard, NonFiniteStop, skip_nonfinite_updates
 

@@ -14,7 +14,7 @@ import yaml
 from conftest import run_pretrain, tiny_overrides
 from launcher.pretrain import main
 from launcher.config import RunConfig
-from launcher.resume import config_changes, resume_point
+from checkpoint.resume import config_changes, resume_point
 from launcher.schedule import lr_at
 from common.errors import ProjectError
 
@@ -70,9 +70,9 @@ def test_keys_added_to_or_dropped_from_the_schema_since_the_checkpoint_do_not_bl
     saved = RunConfig().to_dict()
     del saved["data"]["seq_length"], saved["train"]["lr"]  # keys "added" after the checkpoint was written
     saved["data"]["retired_key"] = 3  # a key the schema has since dropped
-    assert config_changes(saved, RunConfig().to_dict()) == ({}, {})
+    assert config_changes(saved, RunConfig().to_dict(), RunConfig().to_dict()) == ({}, {})
     new = RunConfig().to_dict()
     new["data"]["seq_length"] += 1
     new["train"]["lr"] *= 2
-    fixed, changeable = config_changes(saved, new)
+    fixed, changeable = config_changes(saved, new, RunConfig().to_dict())
     assert list(fixed) == ["data.seq_length"] and list(changeable) == ["train.lr"]

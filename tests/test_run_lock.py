@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_pretrain, tiny_overrides, train_losses
-from launcher.runlock import LOCK_FILE, RunDirInUse, RunLock
+from checkpoint.runlock import LOCK_FILE, RunDirInUse, RunLock
 
 
 def _hold(run_path: Path, ready: multiprocessing.synchronize.Event) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-from launcher.checkpoint import COMPLETE, find_resumable, has_checkpoints, resolve_checkpoint, step_dirs, step_number
-from launcher.config import RunConfig
+from checkpoint.store import COMPLETE, find_resumable, has_checkpoints, resolve_checkpoint, step_dirs, step_number
 from common.errors import ProjectError
 
 ResumePoint = tuple[Path, str]  # (checkpoints folder, step tag)
@@ -61,13 +60,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]],
-                                                                         dict[str, tuple[Any, Any]]]:
-    """(changes a checkpoint cannot take, changes that apply on resume), each key -> (saved, new)."""
+def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> tuple[
+        dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """(changes a checkpoint cannot take, changes that apply on resume), each key -> (saved, new).
+
+    `defaults`: the config schema's defaults (the run config's `to_dict()` of a default config)."""
     # A key the saved config lacks was added to the schema after the checkpoint was written: that run used
     # what is now its default (new keys default to the old behaviour). A key the schema no longer has
     # cannot apply either way. So a code update alone never blocks a resume (e.g. a requeued Slurm job).
-    old_flat, new_flat = {**_flatten(RunConfig().to_dict()), **_flatten(saved)}, _flatten(new)
+    old_flat, new_flat = {**_flatten(defaults), **_flatten(saved)}, _flatten(new)
     changed = {key: (old_flat.get(key), value) for key, value in sorted(new_flat.items())
                if old_flat.get(key) != value and key != "train.init_from"}  # init_from is ignored on resume
     fixed = {key: change for key, change in changed.items() if key not in CHANGEABLE
@@ -85,12 +86,12 @@ def saved_config(point: ResumePoint) -> dict[str, Any] | None:
     return None
 
 
-def check_resume_config(point: ResumePoint, new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def check_resume_config(point: ResumePoint, new: dict[str, Any], defaults: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Refuse (one line listing the keys) settings the checkpoint cannot take; return the ones that apply."""
     saved = saved_config(point)
     if saved is None:
         return {}
-    fixed, changeable = config_changes(saved, new)
+    fixed, changeable = config_changes(saved, new, defaults)
     if fixed:
         listed = ", ".join(f"{key} ({old!r} -> {value!r})" for key, (old, value) in fixed.items())
         raise ProjectError(f"cannot resume {point[0] / point[1]} with changed {listed}: the checkpoint was written "

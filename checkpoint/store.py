@@ -2,7 +2,9 @@
 
 Layout of `runs/<name>/checkpoints/`:
     step_<N>/                 DeepSpeed's files (model, optimizer and scheduler states, per ZeRO rank)
-    step_<N>/rank_<r>.pt      this project's per-rank state: data stream position, RNG states, step
+    step_<N>/rank_<r>.pt      this project's per-rank state: {component name: its state_dict()} (the data
+                              stream's position, the parallel model's RNG tracker and parameter
+                              manifest), the global RNG states and the step
     step_<N>/config.yaml      the run config that wrote it (resuming compares it with the new one)
     step_<N>/complete         the manifest, written last: JSON with the step and every file's size and
                               sha256; a step directory without it is an interrupted save
@@ -14,6 +16,9 @@ leaves the previous checkpoint as `latest`, intact. Every file, the manifest, `l
 holding them are fsynced first, so the same holds after a power loss. Before resuming, the manifest is
 checked against the files: `--resume auto` falls back to the newest intact checkpoint (a step folder
 counts even when `latest` is missing or garbage) and never starts over existing checkpoints.
+
+The writer does not know what it stores: every component (anything with state_dict / load_state_dict)
+saves and restores its own state under its name.
 """
 
 from __future__ import annotations
@@ -25,19 +30,29 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.distributed import barrier
+from common.distributed import barrier
 from common.errors import ProjectError
 
 LATEST = "latest"
 COMPLETE = "complete"
 STEP_DIR = re.compile(r"step_(\d+)")
 _CHUNK = 1 << 22
+# Component names that consolidation reads (the parallel model's manifest) and that checkpoints written
+# before components saved themselves stored flat: {"data", "tp_rng", "manifest", "step", "rng"}.
+DATA, PARALLEL = "data", "parallel"
+_FLAT_PARALLEL_KEYS = ("tp_rng", "manifest")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _fsync_path(path: Path) -> None:
@@ -211,11 +226,13 @@ def find_resumable(checkpoint_dir: Path, world_size: int) -> tuple[tuple[Path, s
     return None, None
 
 
-def save_checkpoint(engine: Any, checkpoint_dir: Path, step: int, rank: int, rank_state: dict[str, Any],
+def save_checkpoint(engine: Any, checkpoint_dir: Path, step: int, rank: int, components: Mapping[str, Stateful],
                     keep: int, files: dict[str, str] | None = None) -> Path:
     """Write step_<step> on every rank, then (rank 0) its manifest, then move `latest` to it, then prune.
 
-    `files`: small text files rank 0 writes into the step folder (name -> content), e.g. config.yaml."""
+    `components`: name -> what saves its own state into this rank's rank_<r>.pt (e.g. DATA: the data stream,
+    PARALLEL: the parallel model). `files`: small text files rank 0 writes into the step folder (name ->
+    content), e.g. config.yaml."""
     tag = step_tag(step)
     step_dir = checkpoint_dir / tag
     if rank == 0:
@@ -227,6 +244,7 @@ def save_checkpoint(engine: Any, checkpoint_dir: Path, step: int, rank: int, ran
         for name, text in (files or {}).items():
             (step_dir / name).write_text(text)
     barrier()
+    rank_state = {name: component.state_dict() for name, component in components.items()}
     _atomic_torch_save({**rank_state, "step": step, "rng": rng_state()}, step_dir / f"rank_{rank}.pt")
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step}, save_latest=False)
     barrier()
@@ -272,11 +290,24 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, load_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and return this rank's state (RNG restored)."""
+def load_checkpoint(engine: Any, load_dir: Path, tag: str, rank: int, components: Mapping[str, Stateful]) -> int:
+    """Restore engine (weights, optimizer, scheduler), the global RNG states and every component's own state
+    from this rank's rank_<r>.pt; returns the checkpoint's step."""
     path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise ProjectError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-    state = torch.load(load_dir / tag / f"rank_{rank}.pt", weights_only=False)
+    rank_file = load_dir / tag / f"rank_{rank}.pt"
+    state = upgrade_rank_state(torch.load(rank_file, weights_only=False))
     set_rng_state(state["rng"])
+    for name, component in components.items():
+        if name not in state:
+            raise ProjectError(f"checkpoint file {rank_file} holds no '{name}' state")
+        component.load_state_dict(state[name])
+    return int(state["step"])
+
+
+def upgrade_rank_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A rank_<r>.pt as components store it: older checkpoints kept the parallel model's state flat."""
+    if PARALLEL not in state and any(key in state for key in _FLAT_PARALLEL_KEYS):
+        state = {**state, PARALLEL: {key: state[key] for key in _FLAT_PARALLEL_KEYS if key in state}}
     return state
