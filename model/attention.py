@@ -176,11 +176,10 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = layers.column(hidden_size, hidden_size)
         self.out_proj = layers.row(hidden_size, hidden_size)
         self.register_parameter("sink_logit", None)  # read by outlier metrics and HF conversion for every variant
-        settings = variants.settings_of(attention)
-        self.head_param_names = tuple(h.name for h in variants.get(self.variant).head_params)
-        for head in variants.get(self.variant).head_params:
-            init = torch.full((self.num_local_heads,), float(head.init(settings)))
-            setattr(self, head.name, layers.head_parallel(nn.Parameter(init)))
+        initial = variants.initial_head_params(attention, self.num_local_heads)
+        self.head_param_names = tuple(initial)
+        for name, value in initial.items():
+            setattr(self, name, layers.head_parallel(nn.Parameter(value)))
         self.gate = (HeadGate(self.num_local_heads, self.head_dim, gate_type=attention.gate_type,
                               hidden=attention.gate_hidden, init_prob=attention.gate_init_prob, init_std=init_std)
                      if attention.gated else None)

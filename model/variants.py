@@ -187,6 +187,18 @@ def _check(setting: Setting, value: Any, key: str) -> None:
         raise ConfigError(key, value, problem)
 
 
+def initial_head_params(cfg: Any, num_heads: int) -> dict[str, torch.Tensor]:
+    """The learned per-head parameters of an AttentionConfig's variant as a new model starts them, by name."""
+    settings = settings_of(cfg)
+    return {head.name: torch.full((num_heads,), float(head.init(settings))) for head in get(cfg.variant).head_params}
+
+
+def head_param_names() -> frozenset[str]:
+    """Every registered variant's per-head parameter names (state-dict leaf names, e.g. sink_logit): what a
+    checkpoint may gain or lose when a run switches variants."""
+    return frozenset(head.name for variant in _REGISTRY.values() for head in variant.head_params)
+
+
 def keywords_of(cfg: Any, seq_length: int) -> dict[str, Any]:
     """The eager function's keyword arguments for an AttentionConfig at block length `seq_length`."""
     return get(cfg.variant).keywords(settings_of(cfg), seq_length)
@@ -262,4 +274,4 @@ for _variant in (
     register(_variant)
 
 __all__ = ["Variant", "Setting", "HeadParam", "Backend", "register", "get", "names", "settings_of",
-           "check_config", "keywords_of", "positive"]
+           "check_config", "keywords_of", "initial_head_params", "head_param_names", "positive"]

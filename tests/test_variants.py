@@ -45,6 +45,9 @@ def test_entmax_attention_learns_one_alpha_per_head() -> None:
     attn(torch.randn(2, 8, 16)).square().sum().backward()
     assert attn.alpha_logit.grad is not None and attn.alpha_logit.grad.abs().sum() > 0
     assert "alpha_logit" in attn.state_dict()
+    assert {"sink_logit", "alpha_logit"} <= variants.head_param_names()
+    torch.testing.assert_close(variants.initial_head_params(attention, 4)["alpha_logit"], attn.alpha_logit.detach()
+                               .new_full((4,), float(torch.logit(torch.tensor(0.25)))))
     with pytest.raises(ConfigError, match="attention.entmax_alpha"):
         AttentionConfig(variant="entmax", entmax_alpha=2.0).validate()
 
