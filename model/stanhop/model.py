@@ -218,6 +218,9 @@ class STanHopNet(nn.Module):
         steps = prediction.reshape(batch, num_series, cfg.out_segments * cfg.seg_len).transpose(1, 2)
         return steps[:, :cfg.out_len]
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, series: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         forecast = self.forecast(series)
         if labels is None:

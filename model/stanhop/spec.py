@@ -52,10 +52,7 @@ class StanhopSpec(FamilySpec):
     def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
         from model.stanhop.model import STanHopNet
 
-        if layers is not None and getattr(layers, "tp_world", 1) > 1:
-            raise ConfigError("parallel.tensor", layers.tp_world, "must be 1: model.family=stanhop has no tensor "
-                              "parallelism (it is small enough for data parallelism)")
-        return STanHopNet(cfg)
+        return STanHopNet(cfg)  # `layers` is the single-process factory here: check_layout refuses TP and PP
 
     def validate_run(self, cfg: Any) -> None:
         cfg.data.validate()
