@@ -144,6 +144,9 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer: str | None = None
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise ProjectError(f"output folder exists and is not empty: {out} (pass --force to write into it)")
     cfg, state = load_full_state_dict(checkpoint)
+    written = _adapter(cfg).export_folder(cfg, state, out, DTYPES.get(dtype))  # a family's own folder (ViT)
+    if written is not None:
+        return written
     tok = export_tokenizer(cfg, tokenizer)
     if len(tok) > cfg.model.padded_vocab_size:
         raise ProjectError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary "

@@ -47,3 +47,8 @@ class HFAdapter(ABC):
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """Name the family's special tokens on the exported tokenizer (default: nothing to do)."""
+
+    def export_folder(self, cfg: Any, state: StateDict, out: Any, dtype: Any = None) -> Any:
+        """The family's own export folder (e.g. an image model: no tokenizer, a timm copy); None (the default):
+        launcher.export_hf writes its text-model folder. `dtype`: a torch dtype, None keeps the weights'."""
+        return None

@@ -94,11 +94,19 @@ class ViTAdapter(HFAdapter):
 
     def attention_settings(self, cfg: Any) -> dict[str, Any]:
         """The extra config.json keys outeffhop_attention.py reads (clipping resolved for patches + class token)."""
+        from model import variants
+
         a, seq_length = cfg.model.attention, cfg.model.seq_length
+        if not variants.get(a.variant).exportable:
+            raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export (outeffhop_attention.py "
+                               f"computes {', '.join(v for v in variants.names() if variants.get(v).exportable)})")
         clip = a.variant_params(seq_length)
         return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
                     attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
                     gate_init_prob=a.gate_init_prob, train_seq_length=seq_length)
+
+    def export_folder(self, cfg: Any, state: StateDict, out: Any, dtype: Any = None) -> Path:
+        return export_folder(cfg, state, out, dtype)
 
     def is_stock(self, cfg: Any) -> bool:
         return cfg.model.attention.variant == "softmax" and not cfg.model.attention.gated
@@ -126,8 +134,9 @@ class ViTAdapter(HFAdapter):
         return out
 
 
-def export_folder(cfg: Any, state: StateDict, out: str | Path) -> Path:
-    """Write the export folder (see the module docstring) of a run config and its full state dict."""
+def export_folder(cfg: Any, state: StateDict, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the export folder (see the module docstring) of a run config and its full state dict; `dtype`
+    casts the transformers weights (None: as trained; the timm copy stays fp32)."""
     import json
 
     from model.vit.modeling_outeffhop_vit import ATTN_IMPLEMENTATION, OutEffHopViTForImageClassification
@@ -137,6 +146,8 @@ def export_folder(cfg: Any, state: StateDict, out: str | Path) -> Path:
     with torch.device("meta"):
         model = OutEffHopViTForImageClassification(config)
     model.load_state_dict(adapter.to_hf(state, cfg.model), strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     shutil.copyfile(REMOTE_FILE, out / REMOTE_FILE.name)
