@@ -114,7 +114,7 @@ def import_model(args: argparse.Namespace) -> tuple[Path, RunConfig]:
         from transformers import AutoTokenizer
 
         # transformers' OPT plus the variants' parameters: also reads folders from launcher.export_hf
-        from launcher.hf_remote.modeling_outeffhop_opt import OutEffHopOPTForCausalLM
+        from model.hf_remote.modeling_outeffhop_opt import OutEffHopOPTForCausalLM
     except ImportError:
         raise ProjectError("import needs transformers: pip install transformers==5.23.0") from None
     folder, out = Path(args.model), Path(args.out).absolute()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.hf_remote.outeffhop_attention import HeadGate
+from model.hf_remote.outeffhop_attention import HeadGate
 from model import variants
 from model.config import AttentionConfig
 from model.kernels.sdpa import causal_mask

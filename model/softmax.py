@@ -2,7 +2,7 @@
 
 All functions take logits whose masked entries are already -inf and normalise over the last dim; a row
 that may attend to no key gets zeros. The OutEffHop variants are defined once, in the self-contained file
-every Hugging Face export ships (launcher/hf_remote/outeffhop_attention.py, which imports only torch), so
+every Hugging Face export ships (model/hf_remote/outeffhop_attention.py, which imports only torch), so
 the training code and the exports compute the same probabilities. `probabilities` dispatches through the
 variant registry (model/variants.py).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from launcher.hf_remote.outeffhop_attention import clip_probabilities, softmax, softmax1, softmax_with_sink
+from model.hf_remote.outeffhop_attention import clip_probabilities, softmax, softmax1, softmax_with_sink
 
 
 def softmax_n(logits: torch.Tensor, n: float) -> torch.Tensor:

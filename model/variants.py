@@ -29,7 +29,7 @@ from common.errors import ConfigError
 from model import kernels
 from model.kernels import sdpa
 from model.softmax import alpha_logit, entmax, sparsemax
-from launcher.hf_remote import outeffhop_attention as shared
+from model.hf_remote import outeffhop_attention as shared
 
 Check = Callable[[Any], "str | None"]  # the problem with a setting's value, or None when it is fine
 
@@ -79,7 +79,7 @@ class Variant:
 
     settings: its config keys. keywords(settings, seq_length): the eager function's keyword arguments from
     the settings (default: the settings the function takes, as they are). backends: the fused ones by name
-    ("sdpa", "triton"); eager always works. exportable: launcher/hf_remote/outeffhop_attention.py computes it."""
+    ("sdpa", "triton"); eager always works. exportable: model/hf_remote/outeffhop_attention.py computes it."""
 
     name: str
     eager: Callable[..., torch.Tensor]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from launcher.hf_remote import outeffhop_attention
+from model.hf_remote import outeffhop_attention
 from model import variants
 from model.attention import MultiHeadAttention, scaled_dot_product
 from model.config import SOFTMAX_VARIANTS, AttentionConfig

@@ -21,7 +21,7 @@ BERT_SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token":
 
 
 class BertAdapter(HFAdapter):
-    remote_module = "launcher.hf_remote.modeling_outeffhop_bert"
+    remote_module = "model.hf_remote.modeling_outeffhop_bert"
     remote_class = "OutEffHopBertForMaskedLM"
     stock_class = "BertForMaskedLM"
     auto_class = "AutoModelForMaskedLM"

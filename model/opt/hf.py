@@ -11,7 +11,7 @@ HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `mo
 
 
 class OPTAdapter(HFAdapter):
-    remote_module = "launcher.hf_remote.modeling_outeffhop_opt"
+    remote_module = "model.hf_remote.modeling_outeffhop_opt"
     remote_class = "OutEffHopOPTForCausalLM"
     stock_class = "OPTForCausalLM"
     auto_class = "AutoModelForCausalLM"

@@ -151,7 +151,7 @@ def export_folder(cfg: Any, state: StateDict, out: str | Path, dtype: torch.dtyp
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     shutil.copyfile(REMOTE_FILE, out / REMOTE_FILE.name)
-    attention_file = Path(__file__).resolve().parents[2] / "launcher" / "hf_remote" / "outeffhop_attention.py"
+    attention_file = Path(__file__).resolve().parents[1] / "hf_remote" / "outeffhop_attention.py"
     shutil.copyfile(attention_file, out / attention_file.name)
     path = out / "config.json"
     written = json.loads(path.read_text())

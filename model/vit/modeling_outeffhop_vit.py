@@ -24,7 +24,7 @@ try:  # in an exported folder: the shared attention file shipped next to this on
     from .outeffhop_attention import (VARIANTS, attach_variant, eager_attention, init_variant_weights,
                                       mask_to_allowed)
 except ImportError:  # inside this project (model/vit/), where the export code imports it from
-    from launcher.hf_remote.outeffhop_attention import (VARIANTS, attach_variant, eager_attention,
+    from model.hf_remote.outeffhop_attention import (VARIANTS, attach_variant, eager_attention,
                                                         init_variant_weights, mask_to_allowed)
 
 try:  # transformers 5: init functions that skip weights loaded from the checkpoint
