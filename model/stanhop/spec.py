@@ -148,10 +148,11 @@ def _count_flops(model_cfg: StanhopConfig) -> float:
 
     from model.stanhop.model import STanHopNet
 
-    model = STanHopNet(model_cfg).eval().requires_grad_(False)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, model_cfg.in_len, model_cfg.num_series))
+    with torch.random.fork_rng(devices=[]):  # building a model draws from the RNG a resumed run has just restored
+        model = STanHopNet(model_cfg).eval().requires_grad_(False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros(1, model_cfg.in_len, model_cfg.num_series))
     return 3.0 * float(counter.get_total_flops())
 
 

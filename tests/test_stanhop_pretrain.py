@@ -1,0 +1,108 @@
+"""STanHop-Net through the launcher (issue 16): training vs the naive forecast, exact resume, data parallel vs
+one process, periodic vs standalone W8A8 evaluation, and the one-line refusal of tensor/pipeline layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_pretrain, train_losses
+from launcher.evaluate import evaluate_checkpoint
+from launcher.pretrain import main
+from model.family import spec_for
+from outliers.report import summary_keys
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/stanhop_tiny.yaml"
+SPEC = spec_for("stanhop")
+
+
+def tiny(run_dir: Path, **extra: object) -> list[str]:
+    """A 2-scale, 16-wide STanHop-Net on the bundled series: seconds per run on CPU."""
+    values: dict[str, object] = {
+        "model.num_layers": 2, "model.d_model": 16, "model.d_ff": 32, "model.num_heads": 2,
+        "model.pool_queries": 2, "model.dropout": 0.0, "data.max_validation_windows": 32,
+        "train.steps": 6, "train.micro_batch_size": 8, "train.global_batch_size": 8, "train.warmup_steps": 2,
+        "train.checkpoint_interval": 3, "eval.interval": 3, "eval.max_blocks": 32, "eval.outlier_interval": "null",
+        "logging.log_interval": 1, "logging.run_dir": str(run_dir), "logging.progress": False,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_training_beats_the_naive_forecast_and_resumes_exactly(tmp_path: Path) -> None:
+    # Dropout on: an exact match also shows that RNG states are checkpointed and restored.
+    common = {"model.dropout": 0.1, "model.d_model": 32, "model.d_ff": 64, "train.steps": 40,
+              "train.micro_batch_size": 32, "train.global_batch_size": 32, "train.checkpoint_interval": 20,
+              "eval.interval": 20, "train.lr": 3e-3}
+    _ok(run_pretrain(tiny(tmp_path, **common, **{"logging.run_name": "straight"}), config=CONFIG))
+    split = tiny(tmp_path, **common, **{"logging.run_name": "split", "train.exit_interval": 20})
+    _ok(run_pretrain(split, config=CONFIG))
+    _ok(run_pretrain(split, config=CONFIG, resume="auto"))
+    expected, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert sorted(expected) == sorted(resumed) == list(range(1, 41))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+    final = {name: torch.load(tmp_path / name / "checkpoints" / "step_40" / "rank_0.pt", weights_only=False)["data"]
+             for name in ("straight", "split")}
+    assert final["straight"] == final["split"]
+
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 40
+    # MSE and MAE on the normalised validation windows, next to the naive last-value forecast's.
+    assert summary["val_mse"] < summary["naive_last_mse"] and summary["val_mae"] < summary["naive_last_mae"], summary
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("single")
+    _ok(run_pretrain(tiny(run_dir, **{"train.steps": 4, "logging.run_name": "single"}), config=CONFIG))
+    return train_losses(run_dir / "single")
+
+
+def test_two_data_parallel_ranks_match_single_process(tmp_path: Path,
+                                                      single_process_losses: dict[int, float]) -> None:
+    dp = tiny(tmp_path, **{"train.steps": 4, "logging.run_name": "dp2", "train.micro_batch_size": 4})
+    _ok(run_pretrain(dp, ranks=2, config=CONFIG))
+    assert json.loads((tmp_path / "dp2" / "summary.json").read_text())["world_size"] == 2
+    got = train_losses(tmp_path / "dp2")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, loss in single_process_losses.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_periodic_and_standalone_w8a8_evaluations_are_identical(tmp_path: Path) -> None:
+    overrides = tiny(tmp_path, **{"eval.outlier_interval": 3, "eval.calibration_batches": 2,
+                                  "eval.calibration_batch_size": 8, "logging.run_name": "oe"})
+    result = run_pretrain(overrides, config=CONFIG)
+    _ok(result)
+    run = tmp_path / "oe"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_mse", "val_mae", "w8a8_val_mse", "avg_kurtosis", "max_inf_norm"):
+        assert isinstance(summary[key], float) and summary[key] > 0, key
+    keys = summary_keys(SPEC)
+    for step in (3, 6):
+        step_dir = run / "checkpoints" / f"step_{step}"
+        saved = json.loads((step_dir / "outliers.json").read_text())
+        assert "encoder.0.block.time_hopfield" in saved["modules"]
+        standalone = evaluate_checkpoint(step_dir, quant=True)
+        assert standalone["in_training"] == "identical"
+        assert {k: standalone[k] for k in keys} == {k: saved[k] for k in keys}
+        assert standalone["modules"] == saved["modules"]
+
+
+@pytest.mark.parametrize("key", ["parallel.tensor", "parallel.pipeline"])
+def test_tensor_and_pipeline_layouts_are_refused_in_one_line(tmp_path: Path, key: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--config", CONFIG] + [x for o in tiny(tmp_path, **{key: 2}) for x in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and key in err and "data parallelism" in err, err
