@@ -98,3 +98,33 @@ def test_study_compares_variants_by_top1(tmp_path: Path) -> None:
     for result in saved["variants"].values():
         assert 0 <= result["val_top1"] <= 100 and 0 <= result["w8a8_val_top1"] <= 100
     assert "top-1" in (out / "study.md").read_text()
+
+
+def _image_folder(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("ant", "bee"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((9, 9, 3), 40 * i, dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing folder", "corrupt image", "image size"])
+def test_bad_image_input_stops_the_launcher_with_one_line(tmp_path: Path, case: str) -> None:
+    folder = _image_folder(tmp_path / "images")
+    (folder / "train" / "bee" / "1.png").write_bytes(b"not an image")
+    extra, expected = {
+        "missing folder": ({"data.source": "imagefolder", "data.path": str(tmp_path / "nowhere")},
+                           f"config key 'data.path' = '{tmp_path / 'nowhere'}': is not a folder"),
+        "corrupt image": ({"data.source": "imagefolder", "data.path": str(folder), "model.num_classes": 2,
+                           "data.shuffle": False}, f"corrupt image {folder / 'train' / 'bee' / '1.png'}"),
+        "image size": ({"model.image_size": 18}, "config key 'model.image_size' = 18: must be divisible by "
+                                                 "model.patch_size=4"),
+    }[case]
+    result = run_pretrain(vit_overrides(tmp_path, **extra, **{"logging.run_name": "bad"}), config=VIT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
