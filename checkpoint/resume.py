@@ -86,7 +86,8 @@ def saved_config(point: ResumePoint) -> dict[str, Any] | None:
     return None
 
 
-def check_resume_config(point: ResumePoint, new: dict[str, Any], defaults: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def check_resume_config(point: ResumePoint, new: dict[str, Any],
+                        defaults: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Refuse (one line listing the keys) settings the checkpoint cannot take; return the ones that apply."""
     saved = saved_config(point)
     if saved is None:

@@ -1,4 +1,4 @@
-"""Crash-safe, verifiable DeepSpeed checkpoints with the data-stream and RNG state of every rank.
+"""Crash-safe, verifiable DeepSpeed checkpoints with every rank's component states and RNG states.
 
 Layout of `runs/<name>/checkpoints/`:
     step_<N>/                 DeepSpeed's files (model, optimizer and scheduler states, per ZeRO rank)

@@ -5,6 +5,9 @@ The stream is cut into consecutive, non-overlapping blocks of seq_length tokens 
 blocks; nothing is padded). Epochs follow each other without a gap: the tokens left over at the end of
 epoch e continue into the first block of epoch e + 1. With data.bos every block is BOS + the next
 seq_length - 1 tokens of that stream (the stream itself never holds BOS), so position 0 is always the same token.
+
+One packer (`TokenBuffer` + `document_tokens`) serves both readers: the endless, sharded, resumable training
+`BlockStream` and the one-epoch `epoch_blocks` that validation cuts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,41 @@ from common.errors import ProjectError
 STATE_VERSION = 1
 # State keys that must equal the current stream's for a restore to continue the same sequence.
 _MATCHING_KEYS = ("source", "split", "seq_length", "bos", "shard_by", "shuffle", "seed", "tokenizer")
+
+
+def document_tokens(tokenizer: Tokenizer, text: str, separator_id: int) -> list[int] | None:
+    """A document's tokens followed by the separator (EOS, or BERT's [SEP]); None for a blank document."""
+    if not text.strip():
+        return None
+    ids = tokenizer.encode(text)
+    ids.append(separator_id)
+    return ids
+
+
+class TokenBuffer:
+    """Packed tokens not yet cut into a block: documents go in at the end, blocks are cut from the front."""
+
+    def __init__(self, tokens: list[int] | None = None) -> None:
+        self._tokens = tokens if tokens is not None else []
+        self._pos = 0  # tokens before it are already in blocks
+
+    def __len__(self) -> int:
+        return len(self._tokens) - self._pos
+
+    def add(self, ids: list[int]) -> None:
+        self._tokens.extend(ids)
+
+    def cut(self, n: int, keep: bool = True) -> list[int]:
+        """The next n tokens ([] when not `keep`: skipped, not copied); the caller checks len(self) >= n."""
+        block = self._tokens[self._pos:self._pos + n] if keep else []
+        self._pos += n
+        if self._pos > 4 * n and 2 * self._pos > len(self._tokens):  # amortised O(1) compaction
+            del self._tokens[:self._pos]
+            self._pos = 0
+        return block
+
+    def pending(self) -> list[int]:
+        return self._tokens[self._pos:]
 
 
 class BlockStream:
@@ -59,8 +97,7 @@ class BlockStream:
         self.prefix = block_prefix(cfg, tokenizer)
         self._epoch = 0
         self._doc_index = 0  # documents of this rank's epoch order already packed
-        self._buffer: list[int] = []  # tokens not yet in a block are self._buffer[self._pos:]
-        self._pos = 0
+        self._buffer = TokenBuffer()
         self._global_blocks = 0  # blocks cut from the (global, for shard_by=blocks) stream so far
         self._blocks_emitted = 0  # blocks this rank has yielded
         self._docs: Iterator[str] | None = None  # opened lazily at (_epoch, _doc_index)
@@ -99,15 +136,11 @@ class BlockStream:
 
     def _cut_block(self, keep: bool = True) -> list[int]:
         n = self.seq_length - len(self.prefix)
-        while len(self._buffer) - self._pos < n:
+        while len(self._buffer) < n:
             self._read_document()
-        block = self.prefix + self._buffer[self._pos:self._pos + n] if keep else []
-        self._pos += n
+        block = self._buffer.cut(n, keep)
         self._global_blocks += 1
-        if self._pos > 4 * n and 2 * self._pos > len(self._buffer):  # amortised O(1) compaction
-            del self._buffer[:self._pos]
-            self._pos = 0
-        return block
+        return self.prefix + block if keep else []
 
     def _read_document(self) -> None:
         if self._docs is None:
@@ -125,10 +158,9 @@ class BlockStream:
             self._epoch_tokens, self._epoch_from_start = 0, True
             return
         self._doc_index += 1
-        if text.strip():
-            ids = self.tokenizer.encode(text)
-            ids.append(self.separator_id)
-            self._buffer.extend(ids)
+        ids = document_tokens(self.tokenizer, text, self.separator_id)
+        if ids is not None:
+            self._buffer.add(ids)
             self._epoch_tokens += len(ids)
 
     @property
@@ -152,7 +184,7 @@ class BlockStream:
             "dp_rank": self.dp_rank if self.cfg.shard_by == "documents" else None,
             "epoch": self._epoch,
             "doc_index": self._doc_index,
-            "buffer": self._buffer[self._pos:],
+            "buffer": self._buffer.pending(),
             "global_blocks": self._global_blocks,
             "blocks_emitted": self._blocks_emitted,
         }
@@ -178,7 +210,7 @@ class BlockStream:
                 or any(not 0 <= t < self.tokenizer.vocab_size for t in buffer):
             raise ProjectError("data state is malformed: negative position or bad token buffer")
         self._epoch, self._doc_index = epoch, doc_index
-        self._buffer, self._pos = buffer, 0
+        self._buffer = TokenBuffer(buffer)
         self._global_blocks, self._blocks_emitted = global_blocks, emitted
         self._docs = None
         self._epoch_tokens, self._epoch_from_start = 0, doc_index == 0
@@ -215,18 +247,14 @@ def epoch_blocks(source: DocumentSource, tokenizer: Tokenizer, seq_length: int, 
     separator = tokenizer.eos_id if separator_id is None else separator_id
     prefix = prefix or []
     n = seq_length - len(prefix)
-    buffer: list[int] = []
-    pos = 0
+    buffer = TokenBuffer()
     for text in source.documents(epoch):
-        if not text.strip():
+        ids = document_tokens(tokenizer, text, separator)
+        if ids is None:
             continue
-        buffer.extend(tokenizer.encode(text))
-        buffer.append(separator)
-        while len(buffer) - pos >= n:
-            yield prefix + buffer[pos:pos + n]
-            pos += n
-        del buffer[:pos]
-        pos = 0
+        buffer.add(ids)
+        while len(buffer) >= n:
+            yield prefix + buffer.cut(n)
 
 
 def validation_blocks(cfg: DataConfig, tokenizer: Tokenizer, split: str = "validation", dp_rank: int = 0,
