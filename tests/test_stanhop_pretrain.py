@@ -11,7 +11,9 @@ import torch
 
 from conftest import run_pretrain, train_losses
 from launcher.evaluate import evaluate_checkpoint
-from launcher.pretrain import main
+from common.errors import ConfigError
+from launcher.config import load_config
+from launcher.slurm import check_world
 from model.family import spec_for
 from outliers.report import summary_keys
 
@@ -100,9 +102,9 @@ def test_periodic_and_standalone_w8a8_evaluations_are_identical(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("key", ["parallel.tensor", "parallel.pipeline"])
-def test_tensor_and_pipeline_layouts_are_refused_in_one_line(tmp_path: Path, key: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--config", CONFIG] + [x for o in tiny(tmp_path, **{key: 2}) for x in ("--set", o)]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and key in err and "data parallelism" in err, err
+def test_tensor_and_pipeline_layouts_are_refused_in_one_line(key: str) -> None:
+    """The launcher's layout check for a 2-rank world (what launcher.pretrain and launcher.slurm run first)."""
+    cfg = load_config(CONFIG, overrides=[f"{key}=2"])
+    with pytest.raises(ConfigError, match="data parallelism") as info:
+        check_world(cfg, world_size=2)
+    assert str(info.value).startswith(f"config key '{key}'") and "\n" not in str(info.value)

@@ -15,11 +15,13 @@ from model.stanhop.config import StanhopConfig
 from model.stanhop.data import SplitWindows, StanhopDataConfig, WindowStream, load_table
 
 # Per-layer statistics: kind -> module name relative to encoder.{j} / decoder.{j} (None: the layer's output).
-# The Hopfield layers' outputs (the OutEffHop protocol's modules for STanHop) and each layer's output.
+# The Hopfield layers' outputs (the OutEffHop protocol's modules for STanHop), the block's last FFN output (the
+# counterpart of OPT's fc2: the summaries' "ffn_out") and each layer's output.
 ENCODER_MODULES: dict[str, str | None] = {
     "time_hopfield": "block.time_hopfield",
     "series_pooling": "block.series_pooling",
     "series_hopfield": "block.series_hopfield",
+    "ffn_out": "block.series_mlp.2",
     "layer_out": None,
 }
 DECODER_MODULES: dict[str, str | None] = {**{k: v for k, v in ENCODER_MODULES.items() if v},
