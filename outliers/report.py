@@ -227,6 +227,7 @@ def one_line(result: dict[str, Any], spec: FamilySpec) -> str:
     fp = result.get(f"val_{metric.name}") if metric else result["val_loss"]
     w8a8 = result.get(f"w8a8_val_{metric.name}") if metric else result.get("w8a8_val_loss")
     label, fmt = (metric.label, metric.fmt) if metric else ("loss", ".4f")
-    return (f"FP {label} {fp:{fmt}}" + (f", W8A8 {label} {w8a8:{fmt}}" if w8a8 is not None else "")
+    change = f" ({w8a8 - fp:+{fmt}})" if w8a8 is not None and fp is not None else ""  # W8A8's change from FP
+    return (f"FP {label} {fp:{fmt}}" + (f", W8A8 {label} {w8a8:{fmt}}{change}" if w8a8 is not None else "")
             + f", avg kurtosis {result['avg_kurtosis']:.2f}, max kurtosis {result['max_kurtosis']:.2f}, "
               f"max inf norm {result['max_inf_norm']:.2f} ({result['worst_module']})")
