@@ -27,10 +27,17 @@ from common.errors import ProjectError
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-# Parameters that exist only for some attention variants: switching variants adds or drops them
-# (OPT: `...self_attn.sink_logit`, BERT: `...attention.self.sink_logit`).
-VARIANT_PARAM = re.compile(r"\.(?:self_attn|attention\.self)\.(sink_logit|gate\.\w+)$")
 StateDict = dict[str, torch.Tensor]
+
+
+def variant_param(key: str) -> re.Match[str] | None:
+    """A match (group 1: the leaf name) when `key` is a parameter that exists only for some attention variants:
+    a registered variant's per-head parameter (model/variants.py, e.g. `...self_attn.sink_logit`, entmax's
+    `alpha_logit`) or the head gate's (`...gate.<name>`). Switching variants adds or drops exactly these."""
+    from model import variants
+
+    names = "|".join(sorted(map(re.escape, variants.head_param_names())))
+    return re.search(rf"\.({names}|gate\.\w+)$" if names else r"\.(gate\.\w+)$", key)
 
 
 def _one_line(error: BaseException) -> str:
@@ -98,7 +105,7 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     (continued pretraining with another variant: new ones start from their initialisation)."""
     for key, shape in expected.items():
         if key not in state:
-            if allow_variant_changes and VARIANT_PARAM.search(key):
+            if allow_variant_changes and variant_param(key):
                 continue
             raise ProjectError(f"checkpoint {where} lacks parameter '{key}' that the configured model has "
                                f"(different attention variant or number of layers?)")
@@ -106,7 +113,7 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]
             raise ProjectError(f"checkpoint {where}: '{key}' has shape {list(state[key].shape)}, the configured "
                                f"model needs {list(shape)}")
     for key in state:
-        if key not in expected and not (allow_variant_changes and VARIANT_PARAM.search(key)):
+        if key not in expected and not (allow_variant_changes and variant_param(key)):
             raise ProjectError(f"checkpoint {where} has parameter '{key}' that the configured model lacks")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from checkpoint.weights import VARIANT_PARAM, check_shapes, locate, read_state_dict, save_weights
+from checkpoint.weights import check_shapes, locate, read_state_dict, save_weights, variant_param
 from launcher.config import RunConfig, config_text, load_config
 from common.errors import ProjectError
 from model.family import family_of, spec_for
@@ -25,7 +25,7 @@ from model.family import family_of, spec_for
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-__all__ = ["VARIANT_PARAM", "check_shapes", "expected_shapes", "from_hf", "init_state", "load_full_state_dict",
+__all__ = ["check_shapes", "expected_shapes", "from_hf", "init_state", "load_full_state_dict",
            "locate", "read_weights", "save_weights_checkpoint", "to_hf"]
 
 
@@ -55,21 +55,25 @@ def load_full_state_dict(path: str | Path) -> tuple[RunConfig, StateDict]:
 
 
 def _fresh_variant_params(cfg: RunConfig, keys: list[str]) -> StateDict:
-    """Initial values for attention-variant parameters a checkpoint lacks, as a new model starts them."""
+    """Initial values for attention-variant parameters a checkpoint lacks, as a new model starts them: the
+    variant's per-head parameters from the registry (model/variants.py), the head gate from a new HeadGate."""
+    from model import variants
     from model.attention import HeadGate
 
     m, a = cfg.model, cfg.attention
+    head_dim = m.hidden_size // m.num_heads
+    per_head = variants.initial_head_params(a, m.num_heads)
     gates: dict[str, StateDict] = {}
     out: StateDict = {}
     for key in keys:
-        match = VARIANT_PARAM.search(key)
+        match = variant_param(key)
         assert match is not None, key  # only variant parameters are ever missing (check_shapes)
         layer, name = key[:match.start()], match.group(1)
-        if name == "sink_logit":
-            out[key] = torch.zeros(m.num_heads)
+        if name in per_head:
+            out[key] = per_head[name]
         else:
             if layer not in gates:
-                gates[layer] = HeadGate(m.num_heads, m.head_dim, gate_type=a.gate_type, hidden=a.gate_hidden,
+                gates[layer] = HeadGate(m.num_heads, head_dim, gate_type=a.gate_type, hidden=a.gate_hidden,
                                         init_prob=a.gate_init_prob, init_std=m.init_std).state_dict()
             out[key] = gates[layer][name.removeprefix("gate.")]
     return out

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from launcher.config import RunConfig, config_from_dict, load_config
-from launcher.hf_checkpoint import VARIANT_PARAM, check_shapes, expected_shapes, from_hf, save_weights_checkpoint
+from checkpoint.weights import variant_param
+from launcher.hf_checkpoint import check_shapes, expected_shapes, from_hf, save_weights_checkpoint
 from model.config import SOFTMAX_VARIANTS
 from common.errors import ProjectError
 
@@ -148,7 +149,7 @@ def import_model(args: argparse.Namespace) -> tuple[Path, RunConfig]:
     state = from_hf(hf_model.state_dict(), cfg.model.tie_word_embeddings)
     expected = expected_shapes(cfg)
     # parameters of the source's variant that the chosen one lacks are dropped (e.g. sink -> softmax1)
-    state = {key: value for key, value in state.items() if key in expected or not VARIANT_PARAM.search(key)}
+    state = {key: value for key, value in state.items() if key in expected or not variant_param(key)}
     check_shapes(state, expected, str(folder), allow_variant_changes=True)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     save_weights_checkpoint(out, cfg, state, metadata={"source": str(folder.absolute())})
