@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.plugins import import_named, is_import_path
 
 if TYPE_CHECKING:
     from model.layers import LocalLayers
@@ -277,15 +278,8 @@ def spec_for(name: str) -> FamilySpec:
     if name in BUILTIN_FAMILIES:
         importlib.import_module(BUILTIN_FAMILIES[name])  # the package registers its spec
         return _REGISTRY[name]
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            spec = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError("model.family", name, f"cannot be imported ({error})") from None
-        if not isinstance(spec, FamilySpec):
-            raise ConfigError("model.family", name, "does not name a model.family.FamilySpec instance")
-        return register_family(spec, name)
+    if is_import_path(name):
+        return register_family(import_named(name, FamilySpec, "model.family"), name)
     raise ConfigError("model.family", name, f"must be one of {', '.join(known_families())} or package.module:SPEC")
 
 

@@ -18,7 +18,6 @@ AttentionConfig has no field for are given as `attention.params.<key>`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -26,6 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from common.errors import ConfigError
+from common.plugins import import_named, is_import_path
 from model import kernels
 from model.kernels import sdpa
 from model.softmax import alpha_logit, entmax, sparsemax
@@ -134,15 +134,8 @@ def get(name: str) -> Variant:
     """The variant registered as `name`, or `package.module:NAME` (imported and registered on first use)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if isinstance(name, str) and ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            variant = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError("attention.variant", name, f"cannot be imported ({error})") from None
-        if not isinstance(variant, Variant):
-            raise ConfigError("attention.variant", name, "does not name a model.variants.Variant")
-        return register(variant, name)
+    if is_import_path(name):
+        return register(import_named(name, Variant, "attention.variant"), name)
     raise ConfigError("attention.variant", name, f"unknown softmax variant: must be one of {', '.join(_REGISTRY)} "
                       "or package.module:NAME")
 
