@@ -283,3 +283,21 @@ def test_short_training_beats_the_naive_forecast_on_bundled_validation() -> None
     naive = naive_last_value(data.validation)
     assert metrics["mse"] < 0.6 * naive["naive_last_mse"], (metrics, naive)
     assert metrics["mae"] < naive["naive_last_mae"], (metrics, naive)
+
+
+def test_etth1_recipe_needs_only_the_csv_path(tmp_path: Path) -> None:
+    """configs/stanhop_etth1.yaml on an ETTh1-shaped file (date + 7 series, 14,400 hourly rows): 12/4/4 months."""
+    from launcher.config import load_config
+
+    csv = tmp_path / "ETTh1.csv"
+    write_csv(csv, rows=14400, series=7)
+    cfg = load_config("configs/stanhop_etth1.yaml", overrides=[f"data.path={csv}"])
+    assert (cfg.model.in_len, cfg.model.out_len, cfg.model.seg_len, cfg.model.num_layers) == (168, 24, 6, 11)
+    assert (cfg.train.micro_batch_size, cfg.train.lr, cfg.model.attention.variant) == (128, 1e-4, "entmax")
+    data = SPEC.data(cfg)
+    assert len(data.train.windows) == 8640 - 168 - 24 + 1 and len(data.validation) == 2880 - 24 + 1
+    assert len(SPEC.test_examples(cfg)) == 2880 - 24 + 1
+    model = SPEC.build(cfg.model)
+    batch = SPEC.collate([next(data.train) for _ in range(2)])
+    with torch.no_grad():
+        assert model(batch.inputs).shape == (2, 24, 7)
