@@ -100,6 +100,17 @@ def test_periodic_and_standalone_w8a8_evaluations_are_identical(tmp_path: Path) 
         assert {k: standalone[k] for k in keys} == {k: saved[k] for k in keys}
         assert standalone["modules"] == saved["modules"]
 
+    # The whole test split through the same model and W8A8 path, next to the naive forecast.
+    from model.stanhop.spec import naive_last_value
+    from model.stanhop.test_split import evaluate_test_split
+
+    test = evaluate_test_split(run / "checkpoints" / "step_6", quant=True, max_windows=128)
+    cfg = load_config(str(run / "config.yaml"))
+    examples = SPEC.test_examples(cfg, 128)
+    assert test["test_windows"] == len(examples) == 128 and len(SPEC.test_examples(cfg)) == 10510
+    assert test["test_naive_last_mse"] == pytest.approx(naive_last_value(examples)["naive_last_mse"])
+    assert test["test_mse"] > 0 and test["w8a8_test_mse"] == pytest.approx(test["test_mse"], rel=0.1)
+
 
 @pytest.mark.parametrize("key", ["parallel.tensor", "parallel.pipeline"])
 def test_tensor_and_pipeline_layouts_are_refused_in_one_line(key: str) -> None:

@@ -2,6 +2,7 @@
 next to the naive last-value forecast, on the normalised scale:
 
     python -m model.stanhop.test_split --checkpoint runs/stanhop_tiny/checkpoints/step_400 [--quant w8a8] [--json]
+        [--max-windows N]
 
 The model, W8A8 copy and calibration are launcher.evaluate's (outliers/report.py); only the examples differ.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from common.errors import ProjectError
 
 
-def evaluate_test_split(checkpoint: Path, quant: bool) -> dict[str, Any]:
+def evaluate_test_split(checkpoint: Path, quant: bool, max_windows: int | None = None) -> dict[str, Any]:
     from launcher.config import load_config
     from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
     from model.family import family_of
@@ -35,7 +36,7 @@ def evaluate_test_split(checkpoint: Path, quant: bool) -> dict[str, Any]:
     check_shapes(state, expected_shapes(cfg), str(folder))
     model = model_from_state(cfg, state)
     settings = EvalSettings.from_config(cfg, quant=quant)
-    examples = spec.test_examples(cfg)
+    examples = spec.test_examples(cfg, max_windows)
     result: dict[str, Any] = {"checkpoint": str(folder), "test_windows": len(examples),
                               **{f"test_{k}": v for k, v in perplexity(model, examples, settings.micro_batch_size).items()
                                  if k != "loss"},
@@ -53,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a step folder, checkpoints/ or the run directory")
     parser.add_argument("--quant", choices=("none", "w8a8"), default="none")
+    parser.add_argument("--max-windows", type=int, default=None, help="evenly spaced test windows (default: all)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_test_split(Path(args.checkpoint), args.quant == "w8a8")
+        result = evaluate_test_split(Path(args.checkpoint), args.quant == "w8a8", args.max_windows)
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
