@@ -119,3 +119,23 @@ def test_tensor_and_pipeline_layouts_are_refused_in_one_line(key: str) -> None:
     with pytest.raises(ConfigError, match="data parallelism") as info:
         check_world(cfg, world_size=2)
     assert str(info.value).startswith(f"config key '{key}'") and "\n" not in str(info.value)
+
+
+def test_study_compares_the_normalisers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher import study
+
+    out = tmp_path / "study"
+    overrides = tiny(tmp_path / "runs", **{"train.steps": 3, "eval.outlier_interval": 3, "eval.max_blocks": 16,
+                                           "eval.calibration_batches": 1, "train.checkpoint_interval": 100})
+    args = ["--config", CONFIG, "--variants", "entmax,softmax1,clipped_softmax1", "--out", str(out)]
+    for override in overrides:
+        args += ["--set", override]
+    assert study.main(args) == 0, capsys.readouterr().err + "".join(
+        log.read_text()[-2000:] for log in out.glob("*.log"))
+    results = json.loads((out / "study.json").read_text())["variants"]
+    assert set(results) == {"entmax", "softmax1", "clipped_softmax1"}
+    for name, result in results.items():
+        assert result["steps"] == 3 and result["val_mse"] > 0 and result["w8a8_val_mse"] > 0, name
+        assert f"variant: {name}" in (out / name / "config.yaml").read_text()
+    assert len({result["val_mse"] for result in results.values()}) == 3
+    assert "W8A8 MSE" in (out / "study.md").read_text()
