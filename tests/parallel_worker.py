@@ -91,7 +91,7 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device,
 
         def batches():
             for start in range(0, len(mine), MICRO):
-                yield mine[start:start + MICRO]
+                yield pm.family.collate(list(mine[start:start + MICRO]))  # the family's typed Batch
 
         stream = batches()
         steps = [train_step(pm, stream, accumulation, device) for _ in range(STEPS)]
