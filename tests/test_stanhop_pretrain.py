@@ -139,3 +139,17 @@ def test_study_compares_the_normalisers(tmp_path: Path, capsys: pytest.CaptureFi
         assert f"variant: {name}" in (out / name / "config.yaml").read_text()
     assert len({result["val_mse"] for result in results.values()}) == 3
     assert "W8A8 MSE" in (out / "study.md").read_text()
+
+
+@pytest.mark.parametrize("content, problem", [(None, "does not exist"), ("date,x\n1,1\n2,\n3,3\n", "NaN value")])
+def test_a_bad_csv_stops_the_launcher_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    content: str | None, problem: str) -> None:
+    from launcher.pretrain import main
+
+    path = tmp_path / "series.csv"
+    if content is not None:
+        path.write_text(content)
+    args = ["--config", CONFIG] + [x for o in tiny(tmp_path, **{"data.path": path}) for x in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "data.path" in err and problem in err, err

@@ -45,7 +45,6 @@ class StanhopSpec(FamilySpec):
     model_config_class = StanhopConfig
     data_config_class = StanhopDataConfig
     metrics = (Metric("mse", "MSE", fmt=".4f"), Metric("mae", "MAE", fmt=".4f"))
-    layer_class = "EncoderScale"
     supports_tensor_parallel = False
     supports_pipeline = False
     ptq_weight_range = "minmax"  # small per-tensor weights; no OutEffHop recipe says otherwise
