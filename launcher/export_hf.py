@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     auto_class = next(iter(json.loads((out / "config.json").read_text()).get("auto_map", {"AutoModel": ""})))
+    tokenizer = f"; AutoTokenizer.from_pretrained({str(out)!r})" if (out / "tokenizer_config.json").is_file() else ""
     print(f"exported {weights} -> {out}\n"
-          f"load: {auto_class}.from_pretrained({str(out)!r}, trust_remote_code=True); "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
+          f"load: {auto_class}.from_pretrained({str(out)!r}, trust_remote_code=True){tokenizer}")
     return 0
 
 
