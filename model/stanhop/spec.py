@@ -55,9 +55,6 @@ class StanhopSpec(FamilySpec):
 
         return STanHopNet(cfg)  # `layers` is the single-process factory here: check_layout refuses TP and PP
 
-    def validate_run(self, cfg: Any) -> None:
-        cfg.data.validate()
-
     def example_length(self, cfg: Any) -> int:
         return int(cfg.model.in_segments)  # segments per series that the time Hopfield layers associate
 
