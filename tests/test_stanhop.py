@@ -189,7 +189,7 @@ def test_block_equals_library_retrieval_steps(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["entmax", "softmax", "softmax1", "sparsemax", "clipped_softmax",
-                                     "clipped_softmax1"])
+                                     "clipped_softmax1", "learnable_sink"])  # any registered variant
 def test_every_normaliser_trains(variant: str) -> None:
     torch.manual_seed(0)
     model = STanHopNet(small_model(variant=variant, memory_patterns=4))
@@ -202,6 +202,9 @@ def test_every_normaliser_trains(variant: str) -> None:
         alphas = [m for n, m in model.named_parameters() if n.endswith("alpha_logit")]
         assert len(alphas) == 2 * 3 + 2 + 3 * 4  # encoder: 3 per block + memory; decoder: 3 per block + cross
         assert alphas and all(p.grad is not None and p.grad.abs().sum() > 0 for p in alphas)
+    if variant == "learnable_sink":  # its per-head sink logit is learned by every Hopfield layer too
+        sinks = [p for n, p in model.named_parameters() if n.endswith("sink_logit")]
+        assert len(sinks) == 20 and all(p.grad is not None for p in sinks)
     if variant == "sparsemax":
         _, weights = model.encoder[0].block.time_hopfield(torch.randn(2, 6, 16), return_association=True)
         assert (weights == 0).any()  # sparse retrieval
