@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from launcher.config import RunConfig, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
 from common.errors import ProjectError
+from model.family import family_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,14 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the run's config, e.g. --set eval.max_blocks=null")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation",
+                        help="which split to evaluate; test: families with a test split (e.g. stanhop), keys "
+                             "test_<metric> / w8a8_test_<metric>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
 def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tuple[str, ...] = (),
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", split: str = "validation") -> dict[str, Any]:
     """The result dict (as outliers.json holds it) plus checkpoint, step and the comparison with the
-    in-training result when there is one (`in_training`: "identical", a list of differences, or None)."""
+    in-training result when there is one (`in_training`: "identical", a list of differences, or None).
+    split="test": the family's test split instead (FamilySpec.test_examples), its metrics named test_<m>."""
     from outliers.report import (RESULT_FILE, EvalSettings, calibration_blocks, differences, evaluate_model,
                                  model_from_state, validation_examples)
 
@@ -54,14 +60,22 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
     _, state = read_weights(checkpoint)
     check_shapes(state, expected_shapes(cfg), str(folder))
     model = model_from_state(cfg, state, device)
-    val = validation_examples(cfg)  # the family's examples (BERT: fixed MLM masks)
+    if split == "test":
+        val = family_of(cfg.model).test_examples(cfg)
+        if val is None:
+            raise ProjectError(f"model.family {cfg.model.family} has no test split (--split validation)")
+    else:
+        val = validation_examples(cfg)  # the family's examples (BERT: fixed MLM masks)
     calib = calibration_blocks(cfg) if quant else None
     evaluation = evaluate_model(model, val, calib, EvalSettings.from_config(cfg, quant=quant))
     step = int(folder.name.split("_", 1)[1]) if folder.name.split("_", 1)[-1].isdigit() else None
     result = {"checkpoint": str(folder), "step": step, **evaluation.to_dict()}
+    if split == "test":  # val_<m> -> test_<m>, w8a8_val_<m> -> w8a8_test_<m>
+        result = {re.sub(r"^(w8a8_)?val_", r"\1test_", key): value for key, value in result.items()}
+        result["test_examples"] = len(val)
     recorded = folder / RESULT_FILE
     comparison: Any = None
-    if recorded.is_file() and not overrides:
+    if recorded.is_file() and not overrides and split == "validation":
         diffs = differences(result, json.loads(recorded.read_text()))
         comparison = "identical" if not diffs else diffs
     result["in_training"] = comparison
@@ -72,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        result = evaluate_checkpoint(Path(args.checkpoint), args.quant == "w8a8", args.overrides, args.device)
+        result = evaluate_checkpoint(Path(args.checkpoint), args.quant == "w8a8", args.overrides, args.device,
+                                     args.split)
     except ProjectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

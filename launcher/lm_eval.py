@@ -150,7 +150,7 @@ def own_perplexity(cfg: Any, state: dict[str, Any], device: str) -> dict[str, fl
     model = model_from_state(cfg, state, device)
     examples = validation_examples(cfg)
     result = perplexity(model, examples, 8)
-    return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["targets"]}
+    return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": int(result["targets"])}
 
 
 def compare(ppl_result: dict[str, float], texts: list[str], tokenizer: Any, own: dict[str, float]) -> dict[str, Any]:

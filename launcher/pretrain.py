@@ -290,6 +290,10 @@ def train(prep: Prepared) -> dict[str, Any]:
     progress.close()
     if not val and failure is None:  # resumed at or past the last step: still report where the model stands
         val = eval_loss(pm, prep.data.validation, cfg.train.micro_batch_size, device)
+    test: dict[str, float] = {}
+    if prep.data.test is not None and failure is None and step >= cfg.train.steps:  # held out: once, at the end
+        test = eval_loss(pm, prep.data.test, cfg.train.micro_batch_size, device)
+        metrics.log(step, "test", test)
 
     wall = time.perf_counter() - start_time
     trained_steps = step - start_step
@@ -298,6 +302,8 @@ def train(prep: Prepared) -> dict[str, Any]:
         "tokens": step * tokens_per_step,
         "train_loss": last_train_loss, "val_loss": val.get("loss"),
         **{f"val_{m.name}": val.get(m.name) for m in prep.spec.metrics}, **prep.spec.reference_values(cfg),
+        **({"test_loss": test.get("loss"), **{f"test_{m.name}": test.get(m.name) for m in prep.spec.metrics}}
+           if test else {}),
         "parameters": pm.num_parameters, "model_family": cfg.model.family, "objective": pm.family.objective,
         "attention_variant": cfg.attention.variant, "attention_backend": backend, "gated": cfg.attention.gated,
         "world_size": world.world_size, "layout": vars(layout), "zero_stage": cfg.parallel.zero_stage,
@@ -373,6 +379,9 @@ def print_summary(summary: dict[str, Any], run_path: Path, spec: FamilySpec) -> 
            f"{summary['avg_kurtosis']:.2f} | max kurtosis {summary['max_kurtosis']:.2f} | max inf norm "
            f"{summary['max_inf_norm']:.2f} (outlier eval {summary['outlier_eval_s']:.1f}s)"]
           if summary.get("w8a8_val_loss") is not None else []),
+        *([f"test loss {_number(summary['test_loss'], '.4f')} | " + metric_text(
+            spec, {m.name: summary.get(f"test_{m.name}") for m in spec.metrics}, "test").replace(", ", " | ")]
+          if "test_loss" in summary else []),
         f"attention {summary['attention_variant']} via {summary['attention_backend']}"
         f"{' + gate' if summary['gated'] else ''}, {summary['parameters'] / 1e6:.2f}M parameters",
         f"outputs: {run_path}/ (summary.json, metrics.jsonl, tb/, checkpoints/, config.yaml)",

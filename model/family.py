@@ -82,6 +82,9 @@ class FamilyData:
     tokenizer: Any = None  # text families: the run's tokenizer (lm-eval, export); None otherwise
     # A blend's validation examples per source name, for per-source metrics ({} for one source).
     validation_by_source: dict[str, list[Any]] = field(default_factory=dict)
+    # This rank's share of the test split, evaluated once at the end of a completed run (test_<metric>); None
+    # for a family without a test split (the same on every rank: the evaluation is a collective).
+    test: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,10 @@ class FamilySpec(ABC):
     def validation_examples(self, cfg: Any) -> list[Any]:
         """Every validation example of an outlier evaluation (one process, eval.max_blocks of them)."""
         return self.data(cfg).validation
+
+    def test_examples(self, cfg: Any, limit: int | None = None) -> list[Any] | None:
+        """The test split's examples (all, or `limit` of them), or None for a family without a test split."""
+        return None
 
     @abstractmethod
     def collate(self, examples: list[Any]) -> Batch:

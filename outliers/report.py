@@ -75,7 +75,7 @@ def summary_keys(spec: FamilySpec) -> tuple[str, ...]:
 
 def _result_keys(result: dict[str, Any]) -> list[str]:
     """summary_keys of the family that produced `result` (read from its keys: results carry no spec)."""
-    metric_keys = [k for k in result if k.startswith(("val_", "w8a8_val_"))]
+    metric_keys = [k for k in result if k.startswith(("val_", "w8a8_val_", "test_", "w8a8_test_"))]
     return metric_keys + [k for k in OUTLIER_KEYS if k in result]
 
 
@@ -110,14 +110,15 @@ def block_batches(blocks: list[Any], micro_batch_size: int, spec: FamilySpec) ->
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: list[Any], micro_batch_size: int) -> dict[str, float]:
     """The family's validation metrics of the examples, as launcher.pretrain's evaluation computes them
-    ({"loss", "ppl"} for OPT and BERT): each batch weighted by its number of targets (FamilySpec.eval_sums)."""
+    ({"loss", "ppl", "targets"} for OPT and BERT): each batch weighted by its number of targets
+    (FamilySpec.eval_sums); "targets" is that number summed."""
     spec = family_of(model.config)
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for batch in block_batches(blocks, micro_batch_size, spec):
         for key, value in spec.eval_sums(model, batch.to(device)).items():
             sums[key] = sums.get(key, 0.0) + value
-    return spec.finish_metrics(sums)
+    return {**spec.finish_metrics(sums), "targets": sums.get("targets", 0.0)}
 
 
 @torch.no_grad()

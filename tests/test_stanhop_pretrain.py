@@ -27,7 +27,7 @@ def tiny(run_dir: Path, **extra: object) -> list[str]:
     """A 2-scale, 16-wide STanHop-Net on the bundled series: seconds per run on CPU."""
     values: dict[str, object] = {
         "model.num_layers": 2, "model.d_model": 16, "model.d_ff": 32, "model.num_heads": 2,
-        "model.pool_queries": 2, "model.dropout": 0.0, "data.max_validation_windows": 32,
+        "model.pool_queries": 2, "model.dropout": 0.0, "data.max_validation_windows": 32, "data.max_test_windows": 32,
         "train.steps": 6, "train.micro_batch_size": 8, "train.global_batch_size": 8, "train.warmup_steps": 2,
         "train.checkpoint_interval": 3, "eval.interval": 3, "eval.max_blocks": 32, "eval.outlier_interval": "null",
         "logging.log_interval": 1, "logging.run_dir": str(run_dir), "logging.progress": False,
@@ -100,16 +100,18 @@ def test_periodic_and_standalone_w8a8_evaluations_are_identical(tmp_path: Path) 
         assert {k: standalone[k] for k in keys} == {k: saved[k] for k in keys}
         assert standalone["modules"] == saved["modules"]
 
-    # The whole test split through the same model and W8A8 path, next to the naive forecast.
+    # The test split, once at the end of the run (summary.json) and standalone (launcher.evaluate --split test):
+    # the same windows and numbers; W8A8 through the same path.
     from model.stanhop.spec import naive_last_value
-    from model.stanhop.test_split import evaluate_test_split
 
-    test = evaluate_test_split(run / "checkpoints" / "step_6", quant=True, max_windows=128)
+    test = evaluate_checkpoint(run / "checkpoints" / "step_6", quant=True, split="test")
     cfg = load_config(str(run / "config.yaml"))
-    examples = SPEC.test_examples(cfg, 128)
-    assert test["test_windows"] == len(examples) == 128 and len(SPEC.test_examples(cfg)) == 10510
-    assert test["test_naive_last_mse"] == pytest.approx(naive_last_value(examples)["naive_last_mse"])
-    assert test["test_mse"] > 0 and test["w8a8_test_mse"] == pytest.approx(test["test_mse"], rel=0.1)
+    examples = SPEC.test_examples(cfg)
+    assert test["test_examples"] == len(examples) == 32 and len(SPEC.test_examples(cfg, 10**9)) == 10510
+    assert (test["test_loss"], test["test_mse"], test["test_mae"]) == (
+        summary["test_loss"], summary["test_mse"], summary["test_mae"])
+    assert test["test_mse"] > 0 and naive_last_value(examples)["naive_last_mse"] > 0  # 6 steps: no claim to beat it
+    assert test["w8a8_test_mse"] == pytest.approx(test["test_mse"], rel=0.1)
 
 
 @pytest.mark.parametrize("key", ["parallel.tensor", "parallel.pipeline"])

@@ -54,6 +54,9 @@ class StanhopDataConfig:
     seed: int = 1234  # the per-epoch shuffle of the training windows
     # Validation windows used per evaluation (evenly spaced over the split; unset: all). Keeps CPU runs short.
     max_validation_windows: int | None = None
+    # Test windows of the run's end-of-training test evaluation (test_mse / test_mae in summary.json and
+    # TensorBoard), evenly spaced; unset: all (the papers' numbers; `launcher.evaluate --split test` as well).
+    max_test_windows: int | None = None
 
     def validate(self) -> None:
         if self.split not in SPLITS:
@@ -65,8 +68,10 @@ class StanhopDataConfig:
                               "(train, validation, test)")
         if self.columns is not None and (not isinstance(self.columns, list) or not self.columns):
             raise ConfigError("data.columns", self.columns, "must be a non-empty list of column names or unset")
-        if self.max_validation_windows is not None and self.max_validation_windows < 1:
-            raise ConfigError("data.max_validation_windows", self.max_validation_windows, "must be >= 1 or unset")
+        for key in ("max_validation_windows", "max_test_windows"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key}", value, "must be >= 1 or unset")
 
 
 def bundled_path() -> Path:

@@ -62,16 +62,18 @@ class StanhopSpec(FamilySpec):
     def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
         train = WindowStream(_windows(cfg, "train"), cfg.data.seed, dp_rank, dp_world)
         validation = self.validation_examples(cfg)
-        return FamilyData(train=train, validation=validation[dp_rank::dp_world])
+        test = self.test_examples(cfg)
+        return FamilyData(train=train, validation=validation[dp_rank::dp_world], test=test[dp_rank::dp_world])
 
     def validation_examples(self, cfg: Any) -> list[Any]:
         windows = _windows(cfg, "validation")
         return [windows[i] for i in windows.evenly_spaced(cfg.data.max_validation_windows)]
 
-    def test_examples(self, cfg: Any, limit: int | None = None) -> list[Any]:
-        """The test split's windows (the papers' reported numbers): all, or `limit` evenly spaced ones."""
+    def test_examples(self, cfg: Any, limit: int | None = None) -> list[Any] | None:
+        """The test split's windows (the papers' reported numbers): `limit` (default data.max_test_windows)
+        evenly spaced ones, or all of them."""
         windows = _windows(cfg, "test")
-        return [windows[i] for i in windows.evenly_spaced(limit)]
+        return [windows[i] for i in windows.evenly_spaced(limit if limit is not None else cfg.data.max_test_windows)]
 
     def calibration_examples(self, cfg: Any, count: int) -> list[Any]:
         stream = WindowStream(_windows(cfg, "train"), cfg.data.seed)
