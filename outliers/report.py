@@ -18,6 +18,7 @@ quantized copy, `w8a8_val_<name>`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -179,19 +180,26 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     side are skipped (e.g. a run without W8A8)."""
     diffs = []
     for key in _result_keys(a):
-        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+        if a.get(key) is not None and b.get(key) is not None and not _same(a[key], b[key]):
             diffs.append(f"{key}: {a[key]!r} vs {b[key]!r}")
     for name, stats in a.get("modules", {}).items():
         other = b.get("modules", {}).get(name)
         if other is None:
             continue
         for key, value in stats.items():
-            if key in other and other[key] != value:
+            if key in other and not _same(other[key], value):
                 diffs.append(f"{name}/{key}: {value!r} vs {other[key]!r}")
     for mine, theirs in zip(a.get("sinks") or [], b.get("sinks") or []):
         diffs.extend(f"sinks/layer {mine['layer']}/{key}: {value!r} vs {theirs[key]!r}"
-                     for key, value in mine.items() if key in theirs and theirs[key] != value)
+                     for key, value in mine.items() if key in theirs and not _same(theirs[key], value))
     return diffs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN (a statistic no module has, e.g. a family without an FFN-output kind)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
 
 
 def _fmt(value: Any) -> str:
