@@ -43,6 +43,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             # the sbatch scripts do; torch's default (every core of the node in every rank) oversubscribes.
             threads = threads_per_rank(os.environ, max(1, env.num_tasks // env.num_nodes))
             os.environ["OMP_NUM_THREADS"] = str(threads)
+            if "torch" in sys.modules:  # unpickling this job loaded the config schema, and with it torch, whose
+                sys.modules["torch"].set_num_threads(threads)  # pool the variable no longer sizes
             from launcher.pretrain import main
 
             args = ["--config", self.config, "--resume", "auto"] + [x for o in self.overrides for x in ("--set", o)]
