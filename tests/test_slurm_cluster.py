@@ -256,13 +256,15 @@ def _processes_mentioning(folder: Path) -> list[int]:
     return pids
 
 
-def test_cluster_fixture_stops_every_daemon(tmp_path: Path) -> None:
-    """Teardown leaves no daemon behind, also when start-up fails half-way (here: a timeout after munged)."""
+def test_cluster_fixture_stops_every_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teardown leaves no daemon behind, also when start-up fails half-way (here: the nodes never report idle,
+    after munged, slurmctld and both slurmd were started)."""
     _require_slurm()
     cluster = SlurmCluster.start(tmp_path / "own", dict(os.environ))
     assert len(_processes_mentioning(tmp_path / "own")) == 4  # munged, slurmctld, 2 slurmd
     cluster.stop()
     assert not _processes_mentioning(tmp_path / "own")
+    monkeypatch.setattr(SlurmCluster, "_nodes_idle", lambda self: False)
     with pytest.raises(TimeoutError):
-        SlurmCluster.start(tmp_path / "broken", dict(os.environ), timeout=0)
+        SlurmCluster.start(tmp_path / "broken", dict(os.environ), timeout=1)
     assert not _processes_mentioning(tmp_path / "broken")
