@@ -211,7 +211,7 @@ def train(prep: Prepared) -> dict[str, Any]:
         save_checkpoint(engine, checkpoint_dir, at_step, world.rank, components, keep=cfg.train.keep_checkpoints,
                         files={"config.yaml": config_text(cfg)})  # what wrote it: resuming compares against it
 
-    batch_iter = prep.spec.batches(prep.data.train, cfg.train.micro_batch_size)
+    batch_iter = prep.spec.train_batches(cfg, prep.data.train)  # with the family's batch augmentation (mixup)
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not (world.is_main and cfg.logging.progress),
                     desc=cfg.logging.run_name, unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 15.0)

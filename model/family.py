@@ -161,8 +161,15 @@ class FamilySpec(ABC):
         """Stack examples into a Batch."""
 
     def train_batch_transform(self, cfg: Any) -> Callable[[Batch], Batch] | None:
-        """A batch-level training augmentation (e.g. mixup), or None."""
+        """A batch-level training augmentation (e.g. mixup), or None. It must be a pure function of the batch
+        (and the config), so that a resumed run transforms every batch as the uninterrupted one did."""
         return None
+
+    def train_batches(self, cfg: Any, examples: Iterable[Any]) -> Iterator[Batch]:
+        """The training micro-batches launcher.pretrain feeds: `batches`, then `train_batch_transform`."""
+        batches = self.batches(examples, cfg.train.micro_batch_size)
+        transform = self.train_batch_transform(cfg)
+        return batches if transform is None else map(transform, batches)
 
     def batches(self, examples: Iterable[Any], micro_batch_size: int) -> Iterator[Batch]:
         """Consecutive examples collated into micro-batches (a partial tail is dropped)."""
@@ -222,10 +229,6 @@ class FamilySpec(ABC):
     @abstractmethod
     def outlier_modules(self, model: nn.Module) -> dict[str, str]:
         """Statistics name -> kind: the activations the outlier protocol hooks (outliers/stats.py names)."""
-
-    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
-        """Per-layer statistics name prefix -> the kinds of one layer, in table order (heatmaps, tables)."""
-        return {}
 
     def residual_streams(self, model: nn.Module) -> list[str]:
         """Per layer, the statistics name of the residual stream after it (attention-sink metrics)."""

@@ -112,8 +112,10 @@ def test_taps_and_outlier_modules_exist_by_name() -> None:
     assert "embed_sum" in names
     kinds = spec.outlier_modules(model)
     assert kinds["blocks.1.mlp.fc2"] == "ffn_out" and kinds["blocks.1"] == "layer_out" and kinds["norm"] == "final_layer_norm"
-    assert spec.layer_prefixes(model.config) == {"blocks.": ("attn_layer_norm", "attn_out_proj", "ffn_layer_norm",
-                                                             "ffn_out", "layer_out")}
+    from outliers.plots import per_layer_kinds  # one layer's kinds in table order (the heatmap's rows)
+
+    assert per_layer_kinds({name: {"kind": kind} for name, kind in kinds.items()}) == (
+        "attn_layer_norm", "attn_out_proj", "ffn_layer_norm", "ffn_out", "layer_out")
 
 
 def test_eval_sums_give_top1_and_loss() -> None:

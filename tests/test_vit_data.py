@@ -172,3 +172,22 @@ def test_bad_data_config_is_one_line(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as error:
         ImageDataConfig(**{key: value}).validate()  # type: ignore[arg-type]
     assert f"data.{key}" in one_line(error)
+
+
+def test_the_launcher_batches_are_mixed_when_the_recipe_asks_for_it() -> None:
+    """launcher.pretrain feeds spec.train_batches: with data.mixup set, every training batch carries soft targets
+    (timm's Mixup), the same on a second pass (a resumed run mixes as the uninterrupted one did)."""
+    from launcher.config import load_config
+
+    spec = spec_for("vit")
+    plain = load_config("configs/vit_tiny.yaml", ["data.mixup=0.0", "data.cutmix=0.0"])
+    mixed = load_config("configs/vit_tiny.yaml", ["data.mixup=0.2", "data.cutmix=0.2"])
+    hard = next(spec.train_batches(plain, spec.data(plain).train))
+    first = next(spec.train_batches(mixed, spec.data(mixed).train))
+    again = next(spec.train_batches(mixed, spec.data(mixed).train))
+    assert not hard.labels.is_floating_point()
+    assert first.labels.is_floating_point() and first.labels.shape == (len(first), mixed.model.num_classes)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.labels, again.labels)
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config("configs/vit_tiny.yaml", ["data.mixup=0.2", "train.micro_batch_size=7",
+                                              "train.global_batch_size=7"])

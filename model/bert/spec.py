@@ -73,9 +73,6 @@ class BertSpec(TextFamilySpec):
         return {f"{LAYER_PREFIX}{j}.{suffix}": kind for j in range(len(model.bert.encoder.layer))
                 for kind, suffix in LAYER_MODULES.items()}
 
-    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
-        return {LAYER_PREFIX: tuple(LAYER_MODULES)}
-
     def embedding_params(self, cfg: Any, tp: int = 1) -> tuple[int, int]:
         """Words vocab-parallel; positions, token types, LayerNorms and the MLM transform replicated; the
         output bias split like the logits; the tied decoder is the word embedding's copy on the last stage."""

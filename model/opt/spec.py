@@ -72,9 +72,6 @@ class OPTSpec(TextFamilySpec):
         names[FINAL_LAYER_NORM] = "final_layer_norm"
         return names
 
-    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
-        return {LAYER_PREFIX: tuple(LAYER_MODULES)}
-
     def embedding_params(self, cfg: Any, tp: int = 1) -> tuple[int, int]:
         """The word embedding is vocab-parallel, positions (OPT's offset of 2) replicated; the last stage has
         the final LayerNorm and the head (tied: the embedding's copy; untied: its own matrix)."""

@@ -121,9 +121,6 @@ class StanhopSpec(FamilySpec):
                     names[f"{prefix}{j}" + (f".{suffix}" if suffix else "")] = kind
         return names
 
-    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
-        return {ENCODER_PREFIX: tuple(ENCODER_MODULES), DECODER_PREFIX: tuple(DECODER_MODULES)}
-
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return []  # Hopfield layers, not model.attention.MultiHeadAttention: no attention-sink metrics
 

@@ -49,6 +49,9 @@ class ViTSpec(FamilySpec):
             raise ConfigError("model.in_chans", cfg.model.in_chans, "must be 3: images are decoded as RGB")
         if len(cfg.data.mean) != cfg.model.in_chans:
             raise ConfigError("data.mean", cfg.data.mean, f"needs one value per channel ({cfg.model.in_chans})")
+        if cfg.data.mixing and cfg.train.micro_batch_size % 2:
+            raise ConfigError("train.micro_batch_size", cfg.train.micro_batch_size, "must be even for mixup / "
+                              "cutmix (timm pairs each image with the batch's reverse)")
 
     def example_length(self, cfg: Any) -> int:
         return cfg.model.seq_length  # patches + the class token
@@ -152,9 +155,6 @@ class ViTSpec(FamilySpec):
                  for j in range(len(model.blocks)) for kind, suffix in LAYER_MODULES.items()}
         names[FINAL_NORM] = "final_layer_norm"
         return names
-
-    def layer_prefixes(self, model_cfg: Any) -> dict[str, tuple[str, ...]]:
-        return {LAYER_PREFIX: tuple(LAYER_MODULES)}
 
     def ptq_fp32_modules(self, model: nn.Module) -> set[str]:
         """The classifier stays fp32, as OPT's and BERT's output heads do (plus the default: attention gates)."""
