@@ -32,10 +32,9 @@ from typing import Any
 import torch
 
 from launcher.config import RunConfig
-from launcher.hf_checkpoint import load_full_state_dict, locate
+from launcher.hf_checkpoint import hf_adapter, load_full_state_dict, locate
 from common.errors import ProjectError
 from model import variants
-from model.family import family_of
 from model.hf_adapter import HFAdapter
 
 SHARED_ATTENTION_FILE = "outeffhop_attention.py"  # the variant math both remote modeling files import
@@ -61,10 +60,7 @@ def is_stock(cfg: RunConfig) -> bool:
 
 
 def _adapter(cfg: RunConfig) -> HFAdapter:
-    adapter = family_of(cfg.model).hf
-    if adapter is None:
-        raise ProjectError(f"model.family {cfg.model.family} has no Hugging Face export")
-    return adapter
+    return hf_adapter(cfg.model.family)
 
 
 def remote_file(adapter: HFAdapter) -> Path:

@@ -97,15 +97,16 @@ def init_state(path: str | Path, cfg: RunConfig) -> StateDict:
 
 def to_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
     """This project's names -> the family's Hugging Face class's names (its adapter, model/<family>/hf.py)."""
-    return _adapter(family).to_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
+    return hf_adapter(family).to_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
 def from_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
     """The family's Hugging Face class's names -> this project's (a tied head is not stored twice)."""
-    return _adapter(family).from_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
+    return hf_adapter(family).from_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
-def _adapter(family: str) -> Any:
+def hf_adapter(family: str) -> Any:
+    """The family's Hugging Face adapter (model/<family>/hf.py); one line for a family without one."""
     adapter = spec_for(family).hf
     if adapter is None:
         raise ProjectError(f"model.family {family} has no Hugging Face export")

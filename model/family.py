@@ -109,6 +109,12 @@ class PipelineParts:
     layer_class: str
 
 
+def add_sums(total: dict[str, float], sums: dict[str, float]) -> None:
+    """Add one batch's `FamilySpec.eval_sums` to a running total (the engine's and the report's evaluations)."""
+    for key, value in sums.items():
+        total[key] = total.get(key, 0.0) + value
+
+
 class FamilySpec(ABC):
     """Everything specific to one model family. Subclass it in `model/<family>/` and register an instance."""
 

@@ -66,13 +66,15 @@ class TextFamilySpec(FamilySpec):
         from data_pipeline.examples import eval_examples, eval_examples_by_source, train_examples
 
         tokenizer = self.tokenizer(cfg)
-        kwargs: dict[str, Any] = dict(dp_rank=dp_rank, dp_world=dp_world, vocab_size=cfg.model.vocab_size)
-        return FamilyData(
-            train=train_examples(cfg.data, self.objective, tokenizer, **kwargs),
-            validation=eval_examples(cfg.data, self.objective, tokenizer, max_blocks=cfg.eval.max_blocks, **kwargs),
-            tokenizer=tokenizer,
-            validation_by_source=eval_examples_by_source(cfg.data, self.objective, tokenizer,
-                                                         max_blocks=cfg.eval.max_blocks, **kwargs))
+        kwargs: dict[str, Any] = dict(dp_rank=dp_rank, dp_world=dp_world, vocab_size=cfg.model.vocab_size,
+                                      max_blocks=cfg.eval.max_blocks)
+        # A blend's validation is its sources' examples together (what eval_examples returns for one): built once.
+        by_source = eval_examples_by_source(cfg.data, self.objective, tokenizer, **kwargs)
+        validation = ([example for examples in by_source.values() for example in examples] if by_source
+                      else eval_examples(cfg.data, self.objective, tokenizer, **kwargs))
+        return FamilyData(train=train_examples(cfg.data, self.objective, tokenizer, dp_rank=dp_rank, dp_world=dp_world,
+                                               vocab_size=cfg.model.vocab_size),
+                          validation=validation, tokenizer=tokenizer, validation_by_source=by_source)
 
     def validation_examples(self, cfg: Any) -> list[Any]:
         from data_pipeline.examples import eval_examples

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.family import Batch, FamilySpec, family_of
+from model.family import Batch, FamilySpec, add_sums, family_of
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
 from outliers.sinks import SINK_SUMMARY_KEYS, SinkHooks, format_sink_table, summarize_sinks
 from outliers.stats import OutlierHooks, hook_activation, summarize
@@ -117,8 +117,7 @@ def perplexity(model: nn.Module, blocks: list[Any], micro_batch_size: int) -> di
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for batch in block_batches(blocks, micro_batch_size, spec):
-        for key, value in spec.eval_sums(model, batch.to(device)).items():
-            sums[key] = sums.get(key, 0.0) + value
+        add_sums(sums, spec.eval_sums(model, batch.to(device)))
     return {**spec.finish_metrics(sums), "targets": sums.get("targets", 0.0)}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from checkpoint.consolidate import merge_shards, parameter_files
 from model.config import ModelConfig
-from model.family import Batch, FamilySpec, build_model, family_of
+from model.family import Batch, FamilySpec, add_sums, build_model, family_of
 from model.layers import LocalLayers
 from parallel.grad_clip import install_global_norm_clipping, uses_plain_optimizer
 from parallel.groups import MegatronMPU, init_model_parallel
@@ -189,17 +189,12 @@ def eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
             batch = spec.collate(examples[start:start + micro_batch_size]).to(device)
             targets = spec.num_targets(batch)
             loss = float(engine.eval_batch(iter([batch.as_tuple()]), num_micro_batches=1))
-            _add(sums, {"loss_sum": loss * targets, "targets": float(targets)})
+            add_sums(sums, {"loss_sum": loss * targets, "targets": float(targets)})
     else:
         for start in range(0, len(examples), micro_batch_size):
-            _add(sums, spec.eval_sums(engine, spec.collate(examples[start:start + micro_batch_size]).to(device)))
+            add_sums(sums, spec.eval_sums(engine, spec.collate(examples[start:start + micro_batch_size]).to(device)))
     # The last pipeline stage holds the loss (DeepSpeed broadcasts it to the stage's DP peers and the
     # other stages): the sums over data-parallel ranks are the same on every rank.
     sums = {key: _dp_mean(value, pm) * pm.layout.data for key, value in sorted(sums.items())}
     engine.train()
     return {**spec.finish_metrics(sums), "tokens": sums.get("targets", 0.0)}
-
-
-def _add(total: dict[str, float], sums: dict[str, float]) -> None:
-    for key, value in sums.items():
-        total[key] = total.get(key, 0.0) + value
