@@ -74,14 +74,17 @@ def count_bigrams(texts: list[str], alphabet: str = ALPHABET) -> np.ndarray:
 
 
 def table_from_counts(counts: np.ndarray, triggers: int, smoothing: float = 1.0) -> BigramTable:
-    """The table of `counts` + `smoothing`. Unsmoothed, a row with no counts (a character the corpus never
-    continues) becomes uniform: chains never reach it (nothing leads to it, it never starts one)."""
+    """The table of `counts` + `smoothing`. Unsmoothed, a row without counts (a character the corpus never
+    continues inside the alphabet) continues like a chain's start: the unigram distribution without triggers."""
     smoothed = counts.astype(np.float64) + smoothing
-    totals = smoothed.sum(axis=1, keepdims=True)
-    probs = np.where(totals > 0, smoothed / np.where(totals > 0, totals, 1.0), 1.0 / counts.shape[1])
     unigram = counts.sum(axis=1) + counts.sum(axis=0)
     order = np.argsort(-unigram, kind="stable")
-    return BigramTable(probs, unigram, tuple(int(i) for i in order[:triggers]), smoothing)
+    trigger_ids = tuple(int(i) for i in order[:triggers])
+    totals = smoothed.sum(axis=1, keepdims=True)
+    probs = smoothed / np.where(totals > 0, totals, 1.0)
+    table = BigramTable(probs, unigram, trigger_ids, smoothing)
+    probs[totals[:, 0] == 0] = table.start_distribution()
+    return table
 
 
 def wiki_bigram_counts(cache_dir: str, language: str) -> np.ndarray:
