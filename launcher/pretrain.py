@@ -34,7 +34,7 @@ from launcher.periodic import user_components
 from launcher.preflight import preflight
 from launcher.quiet import quiet_library_noise
 from launcher.signals import GracefulStop
-from launcher.trainer import Prepared, Trainer
+from launcher.trainer import Prepared, Trainer, build_optimizer, deepspeed_config  # noqa: F401 (their old home)
 from model.family import family_of
 from outliers.periodic import check_config as check_outlier_config
 from parallel.layout import validate_layout

@@ -51,7 +51,8 @@ class Prepared:
     periodic: Sequence[PeriodicComponent] = ()  # train.periodic's components, made and checked in prepare
 
 
-def deepspeed_config(cfg: RunConfig, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, world: WorldInfo, grad_accumulation: int, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's config for this run (`world`: unused, kept for callers that pass it)."""
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -202,7 +203,7 @@ class Trainer:
         pm = self.parallel_engine.build_parallel_model(
             cfg.model, prep.layout, seq_length=prep.spec.example_length(cfg), seed=cfg.train.seed,
             initial_state=prep.initial_state, initial_source=f"train.init_from {cfg.train.init_from}",
-            ds_config=deepspeed_config(cfg, prep.grad_accumulation, self.bf16),
+            ds_config=deepspeed_config(cfg, self.world, prep.grad_accumulation, self.bf16),
             make_optimizer=lambda module: build_optimizer(module, cfg),
             make_scheduler=lambda optimizer: build_scheduler(
                 optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
