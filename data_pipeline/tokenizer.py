@@ -25,14 +25,11 @@ import sentencepiece as spm
 from filelock import FileLock
 
 from data_pipeline.config import HF_TOKENIZER_PREFIX, DataConfig, expand_files
+from data_pipeline.special_tokens import BOS_ID, CLS, EOS_ID, MASK, NEWLINE, PAD_ID, SEP, UNK_ID, USER_SYMBOLS
 from common.errors import ProjectError
 
 log = logging.getLogger(__name__)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NEWLINE = "\n"
-CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
-USER_SYMBOLS = [NEWLINE, CLS, SEP, MASK]  # ids 4, 5, 6, 7
 _CACHE_VERSION = 1  # bump when training options change, so old cached models are not reused
 
 

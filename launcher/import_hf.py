@@ -28,6 +28,7 @@ import torch
 from launcher.config import RunConfig, config_from_dict, load_config
 from checkpoint.weights import variant_param
 from launcher.hf_checkpoint import check_shapes, expected_shapes, from_hf, save_weights_checkpoint
+from model import variants
 from model.config import SOFTMAX_VARIANTS
 from common.errors import ProjectError
 
@@ -99,8 +100,7 @@ def run_config(hf: Any, args: argparse.Namespace, out: Path) -> RunConfig:
     attention = raw["attention"]
     attention.update(variant=args.variant or source_variant, gated=args.gated or getattr(hf, "attention_gated", False))
     if hasattr(hf, "attention_variant"):
-        attention.update(gamma=hf.clip_gamma, zeta=hf.clip_zeta, alpha=None, gate_type=hf.gate_type,
-                         gate_hidden=hf.gate_hidden, gate_init_prob=hf.gate_init_prob)
+        attention.update(variants.imported_settings(hf))  # the export file's table, read backwards
     raw["data"].update(seq_length=min(raw["data"]["seq_length"], hf.max_position_embeddings), tokenizer=None)
     raw["logging"]["run_name"] = out.name
     cfg = config_from_dict(raw, args.overrides)
