@@ -68,6 +68,10 @@ class DataConfig:
     seed: int = 1234
     shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
     shuffle_buffer: int = 10000  # streaming shuffle buffer (wiki40b)
+    # Streamed sources: a background thread keeps this many training examples ready while the step runs
+    # (data_pipeline/prefetch.py; checkpoints still resume at the next example the step takes). 0 = off.
+    # Prepared data (source: indexed) reads a sample in microseconds and needs none.
+    prefetch: int = 64
     # Masked-LM examples (model.family=bert): each non-special token is selected with mlm_probability;
     # a selected token becomes [MASK] (mlm_mask_fraction), a random token (mlm_random_fraction) or stays.
     # Training masks are seeded by data.seed and the block's global index, evaluation masks by
@@ -104,18 +108,18 @@ class DataConfig:
                               f"must be one of {', '.join(TOKENIZER_TYPES)}")
         if not self.text_field:
             raise ConfigError("data.text_field", self.text_field, "must name a column")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ConfigError("data.prefetch", self.prefetch, "must be a non-negative integer (0 = off)")
         for key in ("vocab_size", "tokenizer_sample_docs", "seq_length", "shuffle_buffer"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"data.{key}", value, "must be a positive integer")
         if self.source == "bigram_backcopy":
             self._validate_bigram()
-        if self.source == "indexed":
-            from data_pipeline.prepared import resolve_prepared  # reads only the manifest
-
-            if not self.path:
-                raise ConfigError("data.path", self.path, "source=indexed needs a folder data_pipeline.prepare wrote")
-            resolve_prepared(self.path)
+        if self.source == "indexed" and (not isinstance(self.path, str) or not self.path):
+            # The folder itself is checked when the data is opened (before training starts): a config names
+            # prepared data that the planner or a preparation job need not have.
+            raise ConfigError("data.path", self.path, "source=indexed needs a folder data_pipeline.prepare wrote")
         if self.vocab_size < MIN_VOCAB_SIZE and self.tokenizer_type != "char":
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
@@ -225,10 +229,8 @@ def default_name(cfg: DataConfig) -> str:
     """A short name for logs and TensorBoard tags: wiki40b_en, wiki_sample_fr, files, or the hub dataset's name."""
     if cfg.source in ("wiki40b", "wiki_sample"):
         return f"{cfg.source}_{cfg.language}"
-    if cfg.source == "indexed":
-        from data_pipeline.prepared import resolve_prepared
-
-        return resolve_prepared(cfg.path).name
+    if cfg.source == "indexed":  # DIR/<name>, as data_pipeline.prepare names a source's folder
+        return os.path.basename(os.path.normpath(cfg.path or "indexed")) or "indexed"
     if cfg.source == "hub":
         return (cfg.hub_path or "hub").rstrip("/").rsplit("/", 1)[-1] or "hub"
     return cfg.source

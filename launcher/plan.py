@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from launcher.planner import GIB, GPUS, LayoutChoice, Plan, device_named, layout_of, plan_layout, suggest
+from launcher.planner import GIB, GPUS, LayoutChoice, Plan, data_line, device_named, layout_of, plan_layout, suggest
 from common.errors import ConfigError, ProjectError
 
 
@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = plan_layout(cfg, layout, device, args.mfu)
     options = suggest(cfg, gpus, device, args.mfu)
+    data = data_line(cfg, plan)
     if args.json:
-        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options]}, indent=2))
+        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options], "data": data},
+                         indent=2))
         return 0
     print(f"== {args.config} on {gpus} x {device.name} ==")
     if note:
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {option.layout.describe():<58} {option.total / GIB:7.2f} GiB  {t}")
     if args.measure:
         print(measured_line(cfg))
+    if data:
+        print(data)
     print(plan.one_line())
     return 0
 

@@ -169,19 +169,43 @@ def test_indexed_blend_follows_weights_and_refuses_mixed_blends(prepared_chars: 
     with pytest.raises(ProjectError, match="mixes prepared"):
         DataConfig(sources=mixed).validate()
     with pytest.raises(ProjectError, match="not a prepared data folder"):
-        indexed(prepared_chars / "train").validate()
+        train_examples(indexed(prepared_chars / "train"), "causal", tokenizer)
 
 
 def test_pretrain_on_prepared_data_resumes_exactly(prepared_chars: Path, data_cache: Path, tmp_path: Path) -> None:
     """launcher.pretrain with data.source=indexed: interrupted at step 3 and resumed == uninterrupted (1e-6)."""
     common = {"data.source": "indexed", "data.path": str(prepared_chars), "eval.outlier_interval": "null"}
-    whole = run_pretrain(tiny_overrides(data_cache, tmp_path, **common, **{"logging.run_name": "whole"}))
+    whole = run_pretrain(tiny_overrides(data_cache, tmp_path, **common, **{"logging.run_name": "whole"}), timeout=900)
     assert whole.returncode == 0, whole.stderr[-3000:]
     parted = tiny_overrides(data_cache, tmp_path, **common, **{"logging.run_name": "parted"})
-    first = run_pretrain(parted + ["train.exit_interval=3"])
+    first = run_pretrain(parted + ["train.exit_interval=3"], timeout=900)
     assert first.returncode == 0 and "exit_interval reached" in first.stdout + first.stderr, first.stderr[-3000:]
-    second = run_pretrain(parted, resume="auto")
+    second = run_pretrain(parted, resume="auto", timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     expected, got = train_losses(tmp_path / "whole"), train_losses(tmp_path / "parted")
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     assert all(abs(got[s] - expected[s]) <= 1e-6 for s in expected), (got, expected)
+
+
+def test_prefetcher_resumes_at_the_next_example_taken(data_cache: Path) -> None:
+    """The thread reads ahead; the state is still the consumer's position: a fresh stream restored from it
+    continues with exactly the example the prefetching one hands out next (also for BERT's MLM examples)."""
+    from data_pipeline.prefetch import Prefetcher
+
+    cfg = DataConfig(source="wiki_sample", tokenizer_type="char", seq_length=32, cache_dir=str(data_cache),
+                     shard_by="documents")
+    tokenizer = load_or_train_tokenizer(cfg)
+    for objective in ("causal", "mlm"):
+        ahead = Prefetcher(train_examples(cfg, objective, tokenizer, dp_rank=1, dp_world=2), depth=8)
+        taken = [next(ahead) for _ in range(5)]
+        time.sleep(0.2)  # let it read ahead
+        state = ahead.state_dict()
+        fresh = train_examples(cfg, objective, tokenizer, dp_rank=1, dp_world=2)
+        assert all(torch.equal(a, next(fresh)) for a in taken)
+        restored = train_examples(cfg, objective, tokenizer, dp_rank=1, dp_world=2)
+        restored.load_state_dict(state)
+        following = next(ahead)
+        assert torch.equal(following, next(restored))
+        ahead.load_state_dict(state)  # rewinds what it had read ahead
+        assert torch.equal(next(ahead), following)
+        ahead.close()
