@@ -255,7 +255,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 def _source_description(cfg: Any) -> dict[str, Any]:
     keys = ("source", "language", "train_files", "validation_files", "text_field", "hub_path", "hub_config",
-            "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers")
+            "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers", "bigram_smoothing")
     return {key: getattr(cfg, key) for key in keys}
 
 
