@@ -18,6 +18,8 @@ REQUIRED = {
     "enable_bias": (True, "linear layers without bias"),
     "layer_norm_elementwise_affine": (True, "LayerNorms without weights"),
 }
+ATTENTION_WEIGHTS = tuple(f"self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out"))
+ATTENTION_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in ("q", "k", "v", "out"))
 
 
 class OPTAdapter(HFAdapter):
@@ -69,11 +71,18 @@ class OPTAdapter(HFAdapter):
                 raise ProjectError(f"unexpected parameter '{key}' (not part of an OPT decoder)")
         if model_cfg.tie_word_embeddings:
             out["lm_head.weight"] = out[HF_PREFIX + "decoder.embed_tokens.weight"]
+        if not model_cfg.attention_bias:  # transformers' OPT has them (enable_bias): zeros compute the same
+            for key in [k for k in out if k.endswith(ATTENTION_WEIGHTS)]:
+                out[key[:-len("weight")] + "bias"] = out[key].new_zeros(out[key].shape[0])
         return out
 
     def from_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         out: StateDict = {}
         for key, value in state.items():
+            if not model_cfg.attention_bias and key.endswith(ATTENTION_BIASES):
+                if value.count_nonzero():
+                    raise ProjectError(f"'{key}' is not zero, but model.attention_bias is false")
+                continue
             if key == "lm_head.weight":
                 if not model_cfg.tie_word_embeddings:  # the tied head is not stored twice
                     out["lm_head"] = value
