@@ -51,13 +51,13 @@ class OPTAdapter(HFAdapter):
             ffn_hidden_size=hf.ffn_dim, max_position_embeddings=hf.max_position_embeddings, vocab_size=hf.vocab_size,
             pad_vocab_to_multiple_of=1, init_std=hf.init_std, dropout=float(hf.dropout),
             attention_dropout=float(hf.attention_dropout), layer_norm_eps=getattr(hf, "layer_norm_eps", 1e-5),
-            tie_word_embeddings=hf.tie_word_embeddings)
+            tie_word_embeddings=hf.tie_word_embeddings, attention_bias=True)
         return HFSource(model, lambda: self._weights(OutEffHopOPTForCausalLM, folder, hf.tie_word_embeddings),
                         attention_keys(config), tokenizer_dir=folder)
 
     def _weights(self, model_class: Any, folder: Path, tied: bool) -> StateDict:
         hf_model, _ = load_remote(model_class, folder)
-        return self.from_hf(hf_model.state_dict(), SimpleNamespace(tie_word_embeddings=tied))
+        return self.from_hf(hf_model.state_dict(), SimpleNamespace(tie_word_embeddings=tied, attention_bias=True))
 
     def to_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         """`decoder.` -> `model.decoder.`; the head is `lm_head.weight` (the tied embedding when tied)."""
