@@ -152,7 +152,7 @@ def train(prep: Prepared) -> dict[str, Any]:
             optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
             total_steps=cfg.train.steps, schedule=cfg.train.lr_schedule),
         partition_method=cfg.parallel.partition_method,
-        activation_checkpointing=cfg.parallel.activation_checkpointing)
+        activation_checkpointing=cfg.parallel.activation_checkpointing, compile=cfg.train.compile)
     engine = pm.engine
     if not hasattr(engine.optimizer, "overflow"):  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip inf/NaN themselves
         skip_nonfinite_updates(engine.optimizer)
@@ -230,6 +230,8 @@ def train(prep: Prepared) -> dict[str, Any]:
         step_loss, grad_norm = train_step(pm, batch_iter, prep.grad_accumulation, device)
         step += 1
         progress.update(1)
+        if (note := pm.compile_note()) and world.is_main:  # train.compile: what compiling cost, once
+            progress.write(note)
         try:  # all ranks agree; the optimizer has already refused a non-finite update
             skipped = guard.check(step, step_loss, grad_norm, bool(getattr(engine.optimizer, "overflow", False)))
         except NonFiniteStop as stop:
