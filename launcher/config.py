@@ -22,6 +22,7 @@ from data_pipeline.config import DataConfig
 from model.config import AttentionConfig, ModelConfig
 from model.family import family_of, spec_for
 from common.errors import ConfigError, ProjectError
+from common.plugins import is_import_path
 from model.recompute import RECOMPUTE_MODES, recompute_mode
 from parallel.layout import PARTITION_METHODS
 
@@ -92,6 +93,9 @@ class TrainConfig:
     # checkpoint stays `latest`) or `skip` that update and go on, at most max_nonfinite_skips steps in a row.
     nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    # Periodic components of one's own (launcher/periodic.py), by import path `package.module:NAME`: each a
+    # callable taking the run config and returning a PeriodicComponent; run after the built-in ones.
+    periodic: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval", "max_nonfinite_skips"):
@@ -128,6 +132,9 @@ class TrainConfig:
             raise ConfigError("train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("train.nonfinite", self.nonfinite, f"must be one of {', '.join(NONFINITE_POLICIES)}")
+        for index, name in enumerate(self.periodic):
+            if not is_import_path(name):
+                raise ConfigError(f"train.periodic[{index}]", name, "must be an import path package.module:NAME")
 
 
 @dataclass
