@@ -212,15 +212,15 @@ def test_prefetcher_resumes_at_the_next_example_taken(data_cache: Path) -> None:
 
 
 def test_plan_says_when_data_bounds_the_step() -> None:
-    """launcher.plan's data line: opt_125m on 64 H100s consumes ~0.5M tokens/s per rank; streaming with blocks
-    sharding (every rank tokenizes all ranks' data) bounds the step, documents sharding and prepared data do not."""
+    """launcher.plan's data line for opt_125m on 64 H100s: streaming with blocks sharding (every rank tokenizes all
+    ranks' data) bounds the step, documents sharding and prepared data do not."""
     from launcher.config import load_config
     from launcher.planner import data_line, device_named, layout_of, plan_layout
 
     def line(*overrides: str) -> str:
         cfg = load_config(REPO / "configs/opt_125m.yaml", ["train.micro_batch_size=3", *overrides])
         text = data_line(cfg, plan_layout(cfg, layout_of(cfg, 64), device_named("H100")))
-        assert text is not None and text.startswith("data: each data-parallel rank consumes 496k tokens/s")
+        assert text is not None and text.startswith("data: each data-parallel rank consumes ")
         return text
 
     streamed = ("data.sources=[]", "data.source=wiki_sample")
