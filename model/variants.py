@@ -294,17 +294,23 @@ def export_settings(cfg: Any, seq_length: int) -> dict[str, Any]:
     fields = _fields(cfg)
     values = {key: keywords.get(keyword, getattr(cfg, keyword) if keyword in fields else default)
               for spec in shared.VARIANTS.values() for keyword, (key, default) in spec.settings.items()}
-    gate = {"attention_gated": cfg.gated, "gate_type": cfg.gate_type, "gate_hidden": cfg.gate_hidden,
-            "gate_init_prob": cfg.gate_init_prob}
+    gate = {key: getattr(cfg, field) for key, field in GATE_FIELDS.items()}
     return {"attention_variant": cfg.variant, **values, **gate, "train_seq_length": seq_length}
 
 
-def imported_settings(hf_config: Any) -> dict[str, Any]:
-    """AttentionConfig fields from an exported config.json's keys (the reverse of export_settings)."""
-    values = {keyword: getattr(hf_config, key, default)
-              for spec in shared.VARIANTS.values() for keyword, (key, default) in spec.settings.items()}
-    return {**values, "alpha": None, "gate_type": hf_config.gate_type, "gate_hidden": hf_config.gate_hidden,
-            "gate_init_prob": hf_config.gate_init_prob}
+def imported_settings(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """AttentionConfig fields from the keys an export's config.json holds (the reverse of export_settings; a
+    published model holds none). An exported gamma is the resolved one: alpha is unset then."""
+    values = {keyword: stored[key] for spec in shared.VARIANTS.values()
+              for keyword, (key, _) in spec.settings.items() if key in stored}
+    values.update({field: stored[key] for key, field in GATE_FIELDS.items() if key in stored})
+    return {**values, "alpha": None} if "gamma" in values else values
+
+
+# The gate's config.json keys (outeffhop_attention.GATE_SETTINGS) -> AttentionConfig fields.
+GATE_FIELDS = {"attention_gated": "gated", "gate_type": "gate_type", "gate_hidden": "gate_hidden",
+               "gate_init_prob": "gate_init_prob"}
+assert set(GATE_FIELDS) == set(shared.GATE_SETTINGS)
 
 
 __all__ = ["Variant", "Setting", "HeadParam", "Backend", "register", "get", "names", "probabilities",

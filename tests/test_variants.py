@@ -3,8 +3,6 @@ import paths, and one eager definition shared with the Hugging Face export."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import entmax as entmax_package
 import pytest
 import torch
@@ -95,7 +93,7 @@ def test_the_export_file_is_each_exported_variants_one_definition() -> None:
     written = variants.export_settings(cfg, seq_length=48)
     assert written["clip_gamma"] == -12.0 / 48 and written["clip_zeta"] == 1.5 and written["attention_gated"]
     assert set(written) == set(outeffhop_attention.DEFAULTS) | {"train_seq_length"}
-    read = variants.imported_settings(SimpleNamespace(**written))
+    read = variants.imported_settings(written)
     assert (read["gamma"], read["zeta"], read["alpha"]) == (-12.0 / 48, 1.5, None)
     with pytest.raises(ProjectError, match="entmax has no Hugging Face export"):
         variants.export_settings(AttentionConfig(variant="entmax"), seq_length=48)
