@@ -29,6 +29,7 @@ from launcher.config import RunConfig, config_from_dict, load_config
 from checkpoint.weights import variant_param
 from launcher.hf_checkpoint import check_shapes, expected_shapes, from_hf, save_weights_checkpoint
 from model.config import SOFTMAX_VARIANTS
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 
 TOKENIZER_DIR = "tokenizer"
@@ -44,7 +45,7 @@ REQUIRED = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local Hugging Face OPT folder (config.json + weights)")
     parser.add_argument("--out", required=True, help="output folder (weights-only checkpoint)")
     parser.add_argument("--variant", choices=SOFTMAX_VARIANTS, default=None,
@@ -157,12 +158,12 @@ def import_model(args: argparse.Namespace) -> tuple[Path, RunConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.import_hf", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        out, cfg = import_model(args)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out, cfg = import_model(args)
     attention = cfg.attention.variant + (" + gate" if cfg.attention.gated else "")
     print(f"imported {args.model} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) with attention "
           f"{attention} -> {out}\ncontinue pretraining: python -m launcher.pretrain --config {out / 'config.yaml'}")

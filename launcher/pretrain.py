@@ -43,6 +43,7 @@ from launcher.signals import GracefulStop
 from launcher.slurm import slurm_attempt
 from launcher.throughput import peak_tflops, throughput_metrics
 from model.attention import resolve_backend
+from common.cli import ArgumentParser, run_command
 from common.errors import ConfigError, ProjectError
 from model.family import FamilyData, FamilySpec, family_of
 from parallel.layout import Layout, validate_layout
@@ -52,7 +53,7 @@ log = logging.getLogger("launcher.pretrain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     # Called as a function (tests, submitit), the stop handler lasts for the call; a signal received meanwhile
     # goes on to the previous handler afterwards (submitit's requeue). As a program it was installed above.
     with GracefulStop.installed():
-        return _main(argv)
+        return run_command("launcher.pretrain", _main, argv)  # common/cli.py: bad flags, library log lines
 
 
 def _main(argv: list[str] | None) -> int:

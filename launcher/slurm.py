@@ -25,6 +25,7 @@ from typing import Mapping
 
 from launcher.config import RunConfig, load_config
 from launcher.distributed import expand_nodelist, slurm_master_port
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from parallel.layout import validate_layout
 
@@ -166,7 +167,11 @@ def requeue_if_unfinished(cfg: RunConfig, status: int, env: Mapping[str, str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_command("launcher.slurm", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("command", "requeue-if-unfinished"))
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -174,16 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="default: derived from the job id")
     parser.add_argument("--status", type=int, default=0, help="requeue-if-unfinished: the launch's exit status")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # bad config: fail before anything is launched
-        if args.action == "command":
-            hostfile = Path(args.hostfile or cfg.run_path / f"hostfile-{os.environ.get('SLURM_JOB_ID', 'local')}")
-            print(shlex.join(launch_command(args.config, args.overrides, hostfile, args.port)))
-        else:
-            requeue_if_unfinished(cfg, args.status)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)  # bad config: fail before anything is launched
+    if args.action == "command":
+        hostfile = Path(args.hostfile or cfg.run_path / f"hostfile-{os.environ.get('SLURM_JOB_ID', 'local')}")
+        print(shlex.join(launch_command(args.config, args.overrides, hostfile, args.port)))
+    else:
+        requeue_if_unfinished(cfg, args.status)
     return 0
 
 
