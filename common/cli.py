@@ -130,12 +130,28 @@ def library_log_lines() -> list[str]:
     return list(_library_records.lines)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """This project's warnings on whatever sys.stderr is now (a command called in-process, e.g. by a test,
+    may find sys.stderr replaced since the previous call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.addFilter(_ProjectOnly())
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def _console_logging() -> None:
     root = logging.getLogger()
     if not any(isinstance(h, logging.StreamHandler) and h is not _library_records for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        root.addHandler(_Stderr())
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
     route_library_logs()

@@ -12,8 +12,14 @@ def writable_dir_problem(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be (created and) written as a folder, naming the blocking path; None if it can."""
     target = Path(path).absolute()
     existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    while existing != existing.parent:
+        try:
+            existing.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            existing = existing.parent
+        except OSError as error:  # e.g. ENAMETOOLONG: mkdir would fail the same way
+            return f"{error.strerror or error} (below {existing.parent})"
     if not existing.is_dir():
         return f"{existing} is not a folder" + ("" if existing == target else f", so {target} cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):

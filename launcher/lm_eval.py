@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -248,16 +249,37 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
 
 def task_manager(tasks: list[str], include_path: str | None, key: str = "--tasks") -> Any:
     """lm-eval's task index (plus --include-path); ConfigError naming `key` and any task it does not know."""
+    manager = _new_task_manager(include_path)
+    check_task_names(tasks, key, manager.all_tasks)
+    return manager
+
+
+def _new_task_manager(include_path: str | None) -> Any:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if t not in PROJECT_TASKS and t not in manager.all_tasks]
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+_KNOWN_TASKS: dict[str | None, frozenset[str]] = {}  # lm-eval's task names per include path, indexed once
+
+
+def check_task_names(tasks: list[str], key: str, known: Any = None) -> None:
+    """ConfigError naming `key` and every task neither a project task nor in lm-eval's index. The index (seconds
+    to build) is read only when a name is not a project task, and once per process."""
+    if all(t in PROJECT_TASKS for t in tasks):
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13")
+        return
+    if known is None:
+        if None not in _KNOWN_TASKS:
+            _KNOWN_TASKS[None] = frozenset(_new_task_manager(None).all_tasks)
+        known = _KNOWN_TASKS[None]
+    unknown = [t for t in tasks if t not in PROJECT_TASKS and t not in known]
     if unknown:
         raise ConfigError(key, ",".join(unknown), f"unknown lm-eval task (project tasks: {', '.join(PROJECT_TASKS)})")
-    return manager
 
 
 def _evaluate(hf_dir: Path, tasks: list[Any], max_length: int, limit: int | None, batch_size: int, device: str,

@@ -65,9 +65,9 @@ def check_periodic_lm_eval(cfg: RunConfig) -> None:
     tasks = list(cfg.eval.lm_eval_tasks)
     if not tasks:
         return
-    from launcher.lm_eval import task_manager
+    from launcher.lm_eval import check_task_names
 
-    task_manager(tasks, None, key="eval.lm_eval_tasks")
+    check_task_names(tasks, "eval.lm_eval_tasks")
     data = cfg.data
     if getattr(data, "tokenizer_type", None) == "char":
         raise ConfigError("eval.lm_eval_tasks", tasks, "lm-eval runs on a Hugging Face export, and "
