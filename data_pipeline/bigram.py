@@ -8,7 +8,8 @@ A document is a character chain over data_pipeline.char_tokenizer.ALPHABET:
     the one before the trigger. Copies are never triggers (by induction: every trigger follows a
     non-trigger), so the rule is always defined.
 The bigram table is estimated from the bundled Wikipedia sample's train split (data.language; case-folded,
-bigrams across characters outside the alphabet are skipped, +1 smoothing) and cached under data.cache_dir.
+bigrams across characters outside the alphabet are skipped, data.bigram_smoothing added to every count: 1 by
+default, 0 for the raw counts of Guo et al.) and cached under data.cache_dir.
 
 Document j of an epoch is a pure function of (data.seed, split, epoch, j): any rank can generate any share
 at any position, so resuming and data-parallel sharding are exact, as for a stored corpus. A document has
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.char_tokenizer import ALPHABET
+from data_pipeline.char_tokenizer import ALPHABET, FIRST_CHAR_ID
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DocumentSource
 from common.errors import ProjectError
@@ -47,9 +48,11 @@ class BigramTable:
     unigram: np.ndarray  # [K] character counts of the corpus
     triggers: tuple[int, ...]  # indices into ALPHABET, most frequent first
 
+    smoothing: float = 1.0  # added to every count (also the unigram counts of start_distribution)
+
     def start_distribution(self) -> np.ndarray:
         """Where a chain starts: the unigram distribution with the triggers removed."""
-        weights = self.unigram.astype(np.float64) + 1.0
+        weights = self.unigram.astype(np.float64) + self.smoothing
         weights[list(self.triggers)] = 0.0
         return weights / weights.sum()
 
@@ -70,11 +73,18 @@ def count_bigrams(texts: list[str], alphabet: str = ALPHABET) -> np.ndarray:
     return counts.reshape(k, k)
 
 
-def table_from_counts(counts: np.ndarray, triggers: int) -> BigramTable:
-    smoothed = counts.astype(np.float64) + 1.0
+def table_from_counts(counts: np.ndarray, triggers: int, smoothing: float = 1.0) -> BigramTable:
+    """The table of `counts` + `smoothing`. Unsmoothed, a row without counts (a character the corpus never
+    continues inside the alphabet) continues like a chain's start: the unigram distribution without triggers."""
+    smoothed = counts.astype(np.float64) + smoothing
     unigram = counts.sum(axis=1) + counts.sum(axis=0)
     order = np.argsort(-unigram, kind="stable")
-    return BigramTable(smoothed / smoothed.sum(axis=1, keepdims=True), unigram, tuple(int(i) for i in order[:triggers]))
+    trigger_ids = tuple(int(i) for i in order[:triggers])
+    totals = smoothed.sum(axis=1, keepdims=True)
+    probs = smoothed / np.where(totals > 0, totals, 1.0)
+    table = BigramTable(probs, unigram, trigger_ids, smoothing)
+    probs[totals[:, 0] == 0] = table.start_distribution()
+    return table
 
 
 def wiki_bigram_counts(cache_dir: str, language: str) -> np.ndarray:
@@ -96,6 +106,17 @@ def wiki_bigram_counts(cache_dir: str, language: str) -> np.ndarray:
         np.save(handle, counts)
     os.replace(tmp, path)  # concurrent ranks write the same array: the last rename wins
     return counts
+
+
+def bigram_table(cfg: DataConfig) -> BigramTable:
+    """The table of a data config (data.language, data.backcopy_triggers, data.bigram_smoothing)."""
+    return table_from_counts(wiki_bigram_counts(cfg.cache_dir, cfg.language), cfg.backcopy_triggers,
+                             cfg.bigram_smoothing)
+
+
+def trigger_token_ids(cfg: DataConfig) -> tuple[int, ...]:
+    """The char tokenizer's ids of the trigger characters (what the task-aware sink metrics split queries by)."""
+    return tuple(FIRST_CHAR_ID + i for i in bigram_table(cfg).triggers)
 
 
 def generate_chain(table: BigramTable, length: int, rng: np.random.Generator,
@@ -122,9 +143,10 @@ class BigramBackcopySource(DocumentSource):
     def __init__(self, cfg: DataConfig, split: str, table: BigramTable | None = None) -> None:
         if split not in SPLIT_CODES:
             raise ProjectError(f"unknown split '{split}' for source bigram_backcopy (one of {', '.join(SPLIT_CODES)})")
-        self.name = f"bigram_backcopy/{cfg.language}/triggers{cfg.backcopy_triggers}"
+        self.name = f"bigram_backcopy/{cfg.language}/triggers{cfg.backcopy_triggers}" + (
+            f"/smoothing{cfg.bigram_smoothing:g}" if cfg.bigram_smoothing != 1.0 else "")
         self.split, self.seed = split, cfg.seed
-        self.table = table or table_from_counts(wiki_bigram_counts(cfg.cache_dir, cfg.language), cfg.backcopy_triggers)
+        self.table = table or bigram_table(cfg)
         self.length = cfg.seq_length - 1 - (1 if cfg.bos else 0)  # + EOS (+ BOS) = one block
         self._cumulative = [list(accumulate(row)) for row in self.table.probs]
         self._start = list(accumulate(self.table.start_distribution()))

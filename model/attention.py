@@ -152,7 +152,7 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, var
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention (q/k/v/out projections with bias) over this rank's heads; causal (OPT) or not (BERT).
+    """Self-attention (q/k/v/out projections, with biases unless `bias=False`) over this rank's heads; causal (OPT) or not (BERT).
 
     `layers` builds the projections: plain Linear in one process, megatron-core's
     Column/RowParallelLinear under tensor parallelism, where each rank holds num_heads / tp heads.
@@ -161,7 +161,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, attention: AttentionConfig, *, seq_length: int,
-                 dropout: float, init_std: float, layers: LocalLayers, causal: bool = True) -> None:
+                 dropout: float, init_std: float, layers: LocalLayers, causal: bool = True, bias: bool = True) -> None:
         super().__init__()
         self.layers = layers
         self.causal = causal  # decoder (OPT) or bidirectional encoder (BERT)
@@ -171,10 +171,10 @@ class MultiHeadAttention(nn.Module):
         self.variant, self.backend, self.dropout = attention.variant, attention.backend, dropout
         self.eager_only = False
         self.variant_params = attention.variant_params(seq_length)
-        self.q_proj = layers.column(hidden_size, hidden_size)
-        self.k_proj = layers.column(hidden_size, hidden_size)
-        self.v_proj = layers.column(hidden_size, hidden_size)
-        self.out_proj = layers.row(hidden_size, hidden_size)
+        self.q_proj = layers.column(hidden_size, hidden_size, bias=bias)
+        self.k_proj = layers.column(hidden_size, hidden_size, bias=bias)
+        self.v_proj = layers.column(hidden_size, hidden_size, bias=bias)
+        self.out_proj = layers.row(hidden_size, hidden_size, bias=bias)
         self.register_parameter("sink_logit", None)  # read by outlier metrics and HF conversion for every variant
         initial = variants.initial_head_params(attention, self.num_local_heads)
         self.head_param_names = tuple(initial)

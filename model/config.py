@@ -69,6 +69,11 @@ class ModelConfig:
     attention_dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    # Biases of the attention's q/k/v/out projections (OPT has them; Guo et al.'s Bigram-Backcopy model does not).
+    attention_bias: bool = True
+    # Std of the token and position embeddings' normal init; null = init_std. 1.0 is PyTorch's nn.Embedding
+    # default, which Guo et al.'s model keeps.
+    embedding_init_std: float | None = None
     type_vocab_size: int = 2  # BERT's token-type (segment) embeddings; unused by OPT
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -107,6 +112,18 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}", value, "must lie in [0, 1)")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", self.init_std, "must be positive")
+        if self.embedding_init_std is not None and not (isinstance(self.embedding_init_std, (int, float))
+                                                        and self.embedding_init_std > 0):
+            raise ConfigError("model.embedding_init_std", self.embedding_init_std, "must be positive or null")
+        for key in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"model.{key}", getattr(self, key), "must be true or false")
+        if self.family != "opt":  # only the OPT decoder reads these two
+            if not self.attention_bias:
+                raise ConfigError("model.attention_bias", False, f"is an OPT setting (model.family={self.family})")
+            if self.embedding_init_std is not None:
+                raise ConfigError("model.embedding_init_std", self.embedding_init_std,
+                                  f"is an OPT setting (model.family={self.family})")
         if self.layer_norm_eps <= 0:
             raise ConfigError("model.layer_norm_eps", self.layer_norm_eps, "must be positive (it keeps LayerNorm "
                               "from dividing by zero)")

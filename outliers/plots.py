@@ -89,6 +89,24 @@ def log_sinks(writer: Any, layers: list[dict[str, Any]], step: int) -> None:
             writer.add_scalar(f"sinks_bos_mass_per_head/layer_{j}_head_{head}", mass, step)
 
 
+def log_backcopy(writer: Any, result: dict[str, Any], step: int) -> None:
+    """The bigram_backcopy task's sink scalars (outliers/backcopy.py): the headline and, per layer and head,
+    the BOS / nothing mass and the gate split by trigger and non-trigger queries, and the norms."""
+    from outliers.backcopy import BACKCOPY_KEYS
+
+    for key in BACKCOPY_KEYS:
+        if result.get(key) is not None and key not in ("sink_layer", "sink_head"):
+            writer.add_scalar(f"backcopy/{key}", result[key], step)
+    for layer in result.get("backcopy") or []:
+        j = layer["layer"]
+        for key, value in layer.items():
+            if isinstance(value, list):
+                for head, v in enumerate(value):
+                    writer.add_scalar(f"backcopy_{key}/layer_{j}_head_{head}", v, step)
+            elif isinstance(value, float):
+                writer.add_scalar(f"backcopy_{key}/layer_{j}", value, step)
+
+
 def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torch.Tensor | None, step: int) -> None:
     """Scalars per module, a histogram of the worst module's activations and the per-layer image."""
     import matplotlib.pyplot as plt
@@ -97,6 +115,7 @@ def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torc
         writer.add_scalar(f"outliers_kurtosis/{tensorboard_tag(name)}", stats["kurtosis"], step)
         writer.add_scalar(f"outliers_inf_norm/{tensorboard_tag(name)}", stats["inf_norm"], step)
     log_sinks(writer, result.get("sinks") or [], step)
+    log_backcopy(writer, result, step)
     if worst_activations is not None:
         # One fixed tag: which module it was at each step is in metrics.jsonl (worst_module).
         writer.add_histogram("outliers/worst_module_activations", worst_activations.flatten(), step)

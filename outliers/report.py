@@ -17,6 +17,7 @@ quantized copy, `w8a8_val_<name>`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from model.family import Batch, FamilySpec, add_sums, family_of
+from outliers.backcopy import BACKCOPY_KEYS, BackcopyHooks, format_backcopy_table
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
 from outliers.sinks import SINK_SUMMARY_KEYS, SinkHooks, format_sink_table, summarize_sinks
 from outliers.stats import OutlierHooks, hook_activation, summarize
@@ -47,14 +49,28 @@ class EvalSettings:
     micro_batch_size: int = 8  # validation sequences per forward pass
     calibration_batch_size: int = 8  # calibration sequences per forward pass (one range update each)
     ptq: PTQSettings | None = field(default_factory=PTQSettings)  # None: FP statistics only
+    # The bigram_backcopy source's trigger token ids: the task-aware sink statistics (outliers/backcopy.py).
+    trigger_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, quant: bool = True) -> EvalSettings:
-        """From a launcher.config.RunConfig: its eval.* W8A8 settings, and train.micro_batch_size."""
+        """From a launcher.config.RunConfig: its eval.* W8A8 settings, train.micro_batch_size, and the
+        triggers of a causal LM trained on the bigram_backcopy source alone."""
         ptq = PTQSettings(weight_range=cfg.eval.w8a8_weight_range,
                           act_percentile=cfg.eval.w8a8_act_percentile) if quant else None
         return cls(micro_batch_size=cfg.train.micro_batch_size,
-                   calibration_batch_size=cfg.eval.calibration_batch_size, ptq=ptq)
+                   calibration_batch_size=cfg.eval.calibration_batch_size, ptq=ptq, trigger_ids=backcopy_triggers(cfg))
+
+
+def backcopy_triggers(cfg: Any) -> tuple[int, ...] | None:
+    """The trigger token ids when a causal LM is evaluated on the bigram_backcopy source only; else None."""
+    data = getattr(cfg, "data", None)
+    if getattr(data, "source", None) != "bigram_backcopy" or getattr(data, "sources", None) \
+            or not family_of(cfg.model).causal_lm:
+        return None
+    from data_pipeline.bigram import trigger_token_ids
+
+    return trigger_token_ids(data)
 
 
 @dataclass
@@ -63,9 +79,11 @@ class Evaluation:
     modules: dict[str, dict[str, Any]]  # per hooked module: kind, kurtosis, inf_norm, ...
     worst_activations: torch.Tensor | None = None  # the worst module's output on the first block batch
     sinks: list[dict[str, Any]] = field(default_factory=list)  # per layer: outliers.sinks.SinkHooks.results()
+    backcopy: list[dict[str, Any]] | None = None  # per layer: outliers.backcopy.BackcopyHooks.results()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.values, "modules": self.modules, "sinks": self.sinks}
+        extra = {"backcopy": self.backcopy} if self.backcopy is not None else {}
+        return {**self.values, "modules": self.modules, "sinks": self.sinks, **extra}
 
 
 def summary_keys(spec: FamilySpec) -> tuple[str, ...]:
@@ -77,7 +95,7 @@ def summary_keys(spec: FamilySpec) -> tuple[str, ...]:
 def _result_keys(result: dict[str, Any]) -> list[str]:
     """summary_keys of the family that produced `result` (read from its keys: results carry no spec)."""
     metric_keys = [k for k in result if k.startswith(("val_", "w8a8_val_", "test_", "w8a8_test_"))]
-    return metric_keys + [k for k in OUTLIER_KEYS if k in result]
+    return metric_keys + [k for k in OUTLIER_KEYS + BACKCOPY_KEYS if k in result]
 
 
 def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
@@ -135,7 +153,8 @@ def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_block
 def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
               settings: EvalSettings) -> Evaluation:
     start = time.perf_counter()
-    with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks:
+    task = BackcopyHooks(model, settings.trigger_ids) if settings.trigger_ids else contextlib.nullcontext()
+    with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks, task:
         fp = perplexity(model, val_blocks, settings.micro_batch_size)
     modules, sinks = hooks.results(), sink_hooks.results()
     spec = family_of(model.config)
@@ -150,8 +169,12 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
         w8a8 = perplexity(qmodel, val_blocks, settings.micro_batch_size)
         values.update({f"w8a8_val_{k}": v for k, v in w8a8.items()})
     values = {key: values.get(key) for key in keys}
+    backcopy = None
+    if isinstance(task, BackcopyHooks):  # the task-aware headline after the generic one
+        values.update(task.summary())
+        backcopy = task.results()
     values["eval_time_s"] = time.perf_counter() - start
-    return Evaluation(values, modules, worst, sinks)
+    return Evaluation(values, modules, worst, sinks, backcopy)
 
 
 def _capture(model: nn.Module, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -225,6 +248,9 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("sinks"):
         lines += ["", "attention sinks per layer (head means; position 0 = the first token):",
                   format_sink_table(result["sinks"]), ""]
+    if result.get("backcopy"):
+        lines += ["bigram-backcopy sinks per layer and head (queries split by trigger / non-trigger token):",
+                  format_backcopy_table(result["backcopy"]), ""]
     lines.extend(f"{key:>23}: {_fmt(result.get(key))}" for key in _result_keys(result))
     return "\n".join(lines)
 
@@ -238,4 +264,6 @@ def one_line(result: dict[str, Any], spec: FamilySpec) -> str:
     change = f" ({w8a8 - fp:+{fmt}})" if w8a8 is not None and fp is not None else ""  # W8A8's change from FP
     return (f"FP {label} {fp:{fmt}}" + (f", W8A8 {label} {w8a8:{fmt}}{change}" if w8a8 is not None else "")
             + f", avg kurtosis {result['avg_kurtosis']:.2f}, max kurtosis {result['max_kurtosis']:.2f}, "
-              f"max inf norm {result['max_inf_norm']:.2f} ({result['worst_module']})")
+              f"max inf norm {result['max_inf_norm']:.2f} ({result['worst_module']})"
+            + (f"; BOS mass non-trigger {result['bos_mass_non_trigger']:.3f} / trigger {result['bos_mass_trigger']:.3f}, "
+               f"backcopy loss {result['backcopy_loss']:.3f}" if result.get("bos_mass_non_trigger") is not None else ""))

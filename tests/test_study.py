@@ -1,4 +1,5 @@
-"""`launcher.study`: variant names, the comparison table/plot/json (training replaced by a stub)."""
+"""`launcher.study`: variant names, the comparison table/plot/json, --jobs and --resume (training replaced by a
+stub; the real runs are the README's studies)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _fake_training(args: list[str], **_: Any) -> subprocess.CompletedProcess[str
     """Stands in for `python -m launcher.pretrain`: writes the files a run leaves behind."""
     sets = dict(a.split("=", 1) for a in args if "=" in a)
     run = Path(sets["logging.run_dir"]) / sets["logging.run_name"]
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok="auto" in args)  # --resume auto: the run may exist
     gated = sets["attention.gated"] == "true"
     ppl, w8a8, kurt = (20.0, 21.0, 5.0) if gated else (20.5, 30.0, 50.0)
     evals = [{"kind": "outliers", "step": s, "val_ppl": ppl + 10 / s, "w8a8_val_ppl": w8a8 + 10 / s,
@@ -41,9 +42,34 @@ def _fake_training(args: list[str], **_: Any) -> subprocess.CompletedProcess[str
     return subprocess.CompletedProcess(args, 0)
 
 
-def test_study_writes_table_plot_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+class FakePopen:
+    """subprocess.Popen for launcher.study: the stub run happens at start; `calls` records the command lines."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, args: list[str], **_: Any) -> None:
+        FakePopen.calls.append(args)
+        self.returncode = _fake_training(args).returncode
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self) -> int:
+        return self.returncode
+
+    def terminate(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_popen(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    FakePopen.calls = []
+    monkeypatch.setattr(study.subprocess, "Popen", FakePopen)
+    return FakePopen.calls
+
+
+def test_study_writes_table_plot_and_json(tmp_path: Path, fake_popen: list[list[str]],
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(study.subprocess, "run", _fake_training)
     out = tmp_path / "study"
     code = study.main(["--config", "configs/opt_tiny.yaml", "--variants", "softmax,gated", "--steps", "4",
                        "--out", str(out)])
@@ -60,10 +86,9 @@ def test_study_writes_table_plot_and_json(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(missing) == 2 and all(math.isnan(v) for v in missing)
 
 
-def test_study_accepts_the_bert_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_study_accepts_the_bert_config(tmp_path: Path, fake_popen: list[list[str]],
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    calls: list[list[str]] = []
-    monkeypatch.setattr(study.subprocess, "run", lambda args, **kw: calls.append(args) or _fake_training(args))
+    calls = fake_popen
     out = tmp_path / "bert_study"
     code = study.main(["--config", "configs/bert_tiny.yaml", "--variants", "softmax,softmax1,clipped_softmax",
                        "--steps", "4", "--out", str(out)])
@@ -73,9 +98,47 @@ def test_study_accepts_the_bert_config(tmp_path: Path, monkeypatch: pytest.Monke
     assert "(bert, MLM perplexities)" in (out / "study.md").read_text()
 
 
+def test_jobs_and_resume_keep_the_named_order_and_continue(tmp_path: Path, fake_popen: list[list[str]],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "study"
+    args = ["--config", "configs/opt_tiny.yaml", "--variants", "gated,softmax", "--steps", "4", "--out", str(out)]
+    assert study.main(args + ["--jobs", "2"]) == 0, capsys.readouterr().err
+    assert list(json.loads((out / "study.json").read_text())["variants"]) == ["gated", "softmax"]
+    assert not any("--resume" in call for call in fake_popen)
+    assert study.main(args + ["--resume"]) == 0, capsys.readouterr().err  # the runs exist: each continues
+    assert all(call[call.index("--resume") + 1] == "auto" for call in fake_popen[2:]) and len(fake_popen) == 4
+
+
+def test_backcopy_study_reports_the_sink_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def with_sink(args: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        done = _fake_training(args)
+        sets = dict(a.split("=", 1) for a in args if "=" in a)
+        metrics = Path(sets["logging.run_dir"]) / sets["logging.run_name"] / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        sink = sets["attention.variant"] == "softmax"
+        for r in records:
+            r.update(bos_mass_non_trigger=(0.2 * r["step"] if sink else 0.01), bos_mass_trigger=0.05,
+                     backcopy_loss=1.0 / r["step"], bos_value_norm=4.0 / r["step"] if sink else 4.0)
+        metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        return done
+
+    FakePopen.calls = []
+    monkeypatch.setattr(study.subprocess, "Popen", type("SinkPopen", (FakePopen,), {
+        "__init__": lambda self, args, **kw: setattr(self, "returncode", with_sink(args).returncode)}))
+    out = tmp_path / "sink"
+    assert study.main(["--config", "configs/opt_backcopy_sink.yaml", "--variants", "softmax,softmax1", "--steps", "4",
+                       "--out", str(out)]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "study.json").read_text())["variants"]
+    assert saved["softmax"]["bos_mass_non_trigger"] == 0.8 and saved["softmax1"]["bos_mass_non_trigger"] == 0.01
+    assert [p["bos_value_norm"] for p in saved["softmax"]["trajectory"]] == [2.0, 1.0]
+    assert "| softmax | 0.800 | 0.050 |" in (out / "study.md").read_text()
+    assert (out / "emergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_study_rejects_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for args in (["--variants", "softmax,bogus"], ["--variants", "softmax,softmax"], ["--steps", "0"],
-                 ["--set", "eval.outlier_interval=null"], ["--set", "attention.nope=1"]):
+                 ["--set", "eval.outlier_interval=null"], ["--set", "attention.nope=1"], ["--jobs", "0"]):
         assert study.main(["--config", "configs/opt_tiny.yaml", "--out", str(tmp_path / "x"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, (args, err)

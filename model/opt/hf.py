@@ -8,6 +8,8 @@ from common.errors import ProjectError
 from model.hf_adapter import HFAdapter, StateDict
 
 HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `model.decoder.`
+ATTENTION_WEIGHTS = tuple(f"self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out"))
+ATTENTION_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in ("q", "k", "v", "out"))
 
 
 class OPTAdapter(HFAdapter):
@@ -28,11 +30,18 @@ class OPTAdapter(HFAdapter):
                 raise ProjectError(f"unexpected parameter '{key}' (not part of an OPT decoder)")
         if model_cfg.tie_word_embeddings:
             out["lm_head.weight"] = out[HF_PREFIX + "decoder.embed_tokens.weight"]
+        if not model_cfg.attention_bias:  # transformers' OPT has them (enable_bias): zeros compute the same
+            for key in [k for k in out if k.endswith(ATTENTION_WEIGHTS)]:
+                out[key[:-len("weight")] + "bias"] = out[key].new_zeros(out[key].shape[0])
         return out
 
     def from_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         out: StateDict = {}
         for key, value in state.items():
+            if not model_cfg.attention_bias and key.endswith(ATTENTION_BIASES):
+                if value.count_nonzero():
+                    raise ProjectError(f"'{key}' is not zero, but model.attention_bias is false")
+                continue
             if key == "lm_head.weight":
                 if not model_cfg.tie_word_embeddings:  # the tied head is not stored twice
                     out["lm_head"] = value

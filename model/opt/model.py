@@ -41,7 +41,7 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = MultiHeadAttention(
             cfg.hidden_size, cfg.num_heads, cfg.attention, seq_length=seq_length, dropout=cfg.attention_dropout,
-            init_std=cfg.init_std, layers=layers)
+            init_std=cfg.init_std, layers=layers, bias=cfg.attention_bias)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.fc1 = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
@@ -58,6 +58,9 @@ class OPTDecoder(nn.Module):
         super().__init__()
         self.embed_tokens = layers.embedding(cfg.padded_vocab_size, cfg.hidden_size)
         self.embed_positions = LearnedPositions(cfg.max_position_embeddings, cfg.hidden_size, layers)
+        if cfg.embedding_init_std is not None:  # e.g. Guo et al.'s N(0, 1), PyTorch's nn.Embedding default
+            for weight in (self.embed_tokens.weight, self.embed_positions.weight):
+                nn.init.normal_(weight, mean=0.0, std=cfg.embedding_init_std)
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, seq_length, layers) for _ in range(cfg.num_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embed_sum = Tap()
