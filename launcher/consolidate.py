@@ -8,7 +8,6 @@ writes model.safetensors + config.yaml, which `train.init_from` loads into any o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

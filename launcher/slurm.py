@@ -12,7 +12,6 @@ starts, writes DeepSpeed's hostfile (slots = tasks per node, so CPU partitions w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re

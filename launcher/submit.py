@@ -24,7 +24,7 @@ from launcher.distributed import slurm_master_port
 from launcher.signals import GracefulStop
 from launcher.slurm import check_world, threads_per_rank
 from common.cli import ArgumentParser, CommandFailed, positive_int, run_command
-from common.errors import ConfigError, ProjectError
+from common.errors import ConfigError
 from launcher.preflight import preflight
 
 

@@ -66,6 +66,7 @@ IMAGEFOLDER = VIT + ["--set", "data.source=imagefolder", "--set", "data.path={ca
                      "data.validation_split=validation", "--set", "model.num_classes=2", "--set", "eval.max_blocks=4"]
 BLEND = "data.sources=[{source: wiki_sample, weight: %s}, {source: wiki_sample, language: fr, weight: 1}]"
 OPT = ["--config", "configs/opt_tiny.yaml"]
+SMALL_HOPFIELD = ["--dims", "4", "--patterns", "2", "--trials", "2"]  # seconds where the bad value is not refused
 
 ROWS: dict[str, Row] = {
     # --- launcher.pretrain: periodic tasks, blends, enumerated options, folders, library noise ---
@@ -92,7 +93,7 @@ ROWS: dict[str, Row] = {
     "pretrain: jsonl unreadable, no datasets log lines": Row(
         "launcher.pretrain", OPT, "bad.jsonl", _file("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n'), tiny=True,
         extra=["data.source=files", "data.train_files=[{case}/bad.jsonl]", "data.validation_files=[{case}/bad.jsonl]"]),
-    "pretrain: unknown flag": Row("launcher.pretrain", OPT + ["--resum", "auto"], "--resum"),
+    "pretrain: unknown flag": Row("launcher.pretrain", OPT + ["--bogus", "auto"], "--bogus"),
     "pretrain: auto_augment by prefix only": Row("launcher.pretrain", VIT + ["--set", "data.auto_augment=randaugment"],
                                                  "data.auto_augment"),
     "pretrain: auto_augment unknown policy": Row("launcher.pretrain", VIT + ["--set", "data.auto_augment=originalx"],
@@ -132,9 +133,9 @@ ROWS: dict[str, Row] = {
     "evaluate: --device unknown": Row("launcher.evaluate", ["--checkpoint", "{run}", "--device", "tpu"], "--device"),
     "evaluate: --quant unknown": Row("launcher.evaluate", ["--checkpoint", "{run}", "--quant", "int4"], "--quant"),
     # --- launcher.lm_eval ---
-    "lm_eval: --out in a missing folder": Row(
+    "lm_eval: --out under a file": Row(  # a missing folder is made; one that cannot be is refused up front
         "launcher.lm_eval", ["--checkpoint", "{run}", "--tasks", "outeffhop_wiki_ppl", "--limit", "2", "--docs", "4",
-                             "--out", "{case}/missing/lm.json"], "--out"),
+                             "--out", "{case}/afile/lm.json"], "--out", _file("afile", b"x")),
     "lm_eval: --out is a folder": Row(
         "launcher.lm_eval", ["--checkpoint", "{run}", "--tasks", "outeffhop_wiki_ppl", "--limit", "2", "--docs", "4",
                              "--out", "{case}"], "--out"),
@@ -171,9 +172,9 @@ ROWS: dict[str, Row] = {
     "throughput: --lr nan": Row("benchmarks.throughput", ["--quick", "--lr", "nan"], "--lr"),
     "throughput: heads do not divide hidden": Row("benchmarks.throughput", ["--hidden", "30", "--heads", "4"],
                                                   "--heads"),
-    "hopfield_capacity: --beta inf": Row("benchmarks.hopfield_capacity", ["--beta", "inf", "--out", "{case}/h"],
+    "hopfield_capacity: --beta inf": Row("benchmarks.hopfield_capacity", ["--beta", "inf", *SMALL_HOPFIELD, "--out", "{case}/h"],
                                          "--beta"),
-    "hopfield_capacity: --noise nan": Row("benchmarks.hopfield_capacity", ["--noise", "nan", "--out", "{case}/h"],
+    "hopfield_capacity: --noise nan": Row("benchmarks.hopfield_capacity", ["--noise", "nan", *SMALL_HOPFIELD, "--out", "{case}/h"],
                                           "--noise"),
     "hopfield_capacity: --out under a file": Row("benchmarks.hopfield_capacity", [
         "--dims", "4", "--patterns", "2", "--trials", "2", "--out", "{case}/afile/h"], "afile", _file("afile", b"x")),
