@@ -51,7 +51,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises UsageError (one `error:` line, exit 2) instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise UsageError(message)
 
 
 def positive_int(flag: str, value: int | None, *, allow_none: bool = True) -> None:
@@ -201,7 +201,8 @@ def run_command(command: str, body: Callable[[list[str] | None], int | None], ar
     try:
         code = body(argv)
     except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        usage = f" (see python -m {command} --help)" if isinstance(error, UsageError) else ""
+        print(f"error: {error}{usage}", file=sys.stderr, flush=True)
         return 2
     except CommandFailed as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)

@@ -21,6 +21,8 @@ from model.config import AttentionConfig, ModelConfig
 from model.family import family_of, spec_for
 from common.coerce import coerce as _coerce
 from common.errors import ConfigError, ProjectError
+from common.plugins import is_import_path
+from model.recompute import RECOMPUTE_MODES, recompute_mode
 from parallel.layout import PARTITION_METHODS
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -37,9 +39,15 @@ class ParallelConfig:
     # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); pipelines allow 0 or 1.
     zero_stage: int = 0
     partition_method: str = "layers"  # how layers are split over pipeline stages (see parallel/layout.py)
-    activation_checkpointing: bool = False  # recompute each pipeline layer's activations in backward
+    # Recompute in backward (Megatron's names; every layout): none; full = every block from its input; selective =
+    # attention's core only. true / false (the old boolean) mean full / none.
+    activation_checkpointing: str | bool = "none"
 
     def validate(self) -> None:
+        self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
+        if self.activation_checkpointing not in RECOMPUTE_MODES:
+            raise ConfigError("parallel.activation_checkpointing", self.activation_checkpointing,
+                              f"must be one of {', '.join(RECOMPUTE_MODES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         for key in ("tensor", "pipeline"):
@@ -78,10 +86,15 @@ class TrainConfig:
     # Start from these weights (fresh optimizer and data stream): a weights-only checkpoint (launcher.import_hf,
     # launcher.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
     init_from: str | None = None
+    # torch.compile the model's blocks (model/compile.py; Inductor, CPU and CUDA); evaluation runs eagerly
+    compile: bool = False
     # A step whose loss or gradient is inf/NaN is never applied; then `stop` the run (exit code 1, the last
     # checkpoint stays `latest`) or `skip` that update and go on, at most max_nonfinite_skips steps in a row.
     nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    # Periodic components of one's own (launcher/periodic.py), by import path `package.module:NAME`: each a
+    # callable taking the run config and returning a PeriodicComponent; run after the built-in ones.
+    periodic: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "checkpoint_interval", "max_nonfinite_skips"):
@@ -118,6 +131,9 @@ class TrainConfig:
             raise ConfigError("train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("train.nonfinite", self.nonfinite, f"must be one of {', '.join(NONFINITE_POLICIES)}")
+        for index, name in enumerate(self.periodic):
+            if not is_import_path(name):
+                raise ConfigError(f"train.periodic[{index}]", name, "must be an import path package.module:NAME")
 
 
 @dataclass
@@ -212,6 +228,14 @@ class RunConfig:
         if self.eval.lm_eval_tasks and not spec.causal_lm:
             raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
                               f"needs a causal LM (model.family=opt), not {self.model.family}")
+        mode = self.parallel.activation_checkpointing
+        if (mode == "full" or self.train.compile) and not spec.block_types:
+            key, value = ("train.compile", True) if self.train.compile else ("parallel.activation_checkpointing", mode)
+            raise ConfigError(key, value, f"model.family={self.model.family} names no blocks to "
+                              f"{'compile' if self.train.compile else 'recompute'} (FamilySpec.block_types)")
+        if mode != "none" and mode not in spec.recompute_modes:
+            raise ConfigError("parallel.activation_checkpointing", mode, f"model.family={self.model.family} "
+                              f"recomputes {' or '.join(m for m in spec.recompute_modes if m != 'none') or 'nothing'}")
         spec.validate_run(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,6 +37,6 @@ def retarget_scheduler(scheduler: LambdaLR, *, lr: float, weight_decay: float, b
         group["initial_lr"] = lr
         group["lr"] = lr * factor(scheduler.last_epoch)
         group["betas"], group["eps"] = betas, eps
-        if index == 0:  # launcher.pretrain.build_optimizer: matrices decay; the second group (biases, norms) never
+        if index == 0:  # launcher.trainer.build_optimizer: matrices decay; the second group (biases, norms) never
             group["weight_decay"] = weight_decay
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr reports

@@ -64,7 +64,10 @@ BACKCOPY_EMERGENCE = (("bos_mass_non_trigger", "BOS attention from non-trigger q
                       ("gate_non_trigger", "gate value, non-trigger queries"),
                       ("backcopy_loss", "backcopy loss (after a trigger)"),
                       ("bigram_loss", "bigram loss (other characters)"),
-                      ("ffn_max_inf_norm", "FFN (fc2) max inf norm"))
+                      ("bos_residual_norm_ratio", "BOS residual norm / median token's"),
+                      ("ffn_max_inf_norm", "FFN (fc2) max inf norm"),
+                      ("max_inf_norm_rest", "max inf norm without position 0"),
+                      ("gap", "W8A8 / FP - 1 (%)"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -298,7 +301,7 @@ def plot_emergence(results: dict[str, dict[str, Any]], path: Path, metric: Metri
 
     backcopy = any(r.get("bos_mass_non_trigger") is not None for r in results.values())
     panels = BACKCOPY_EMERGENCE if backcopy else EMERGENCE
-    fig, axes = plt.subplots(3 if backcopy else 2, 3, figsize=(15, 12 if backcopy else 8), constrained_layout=True)
+    fig, axes = plt.subplots(4 if backcopy else 2, 3, figsize=(15, 15 if backcopy else 8), constrained_layout=True)
     for ax, (key, title) in zip(axes.flat, panels):
         for name, result in results.items():
             points = result["trajectory"]

@@ -32,11 +32,12 @@ LAYOUTS = {
 SINGLE = (1, 1, 0)
 
 
-def _train(tmp_path: Path, ranks: int, layouts: list[tuple[int, int, int]], dropout: float = 0.0) -> dict[str, dict]:
+def _train(tmp_path: Path, ranks: int, layouts: list[tuple], dropout: float = 0.0,
+           runs: tuple[str, ...] = ()) -> dict[str, dict]:
     out = tmp_path / f"layouts_{ranks}_{dropout}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(LAYOUTS=";".join(",".join(map(str, spec)) for spec in layouts), OUT=str(out), DROPOUT=str(dropout),
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RUNS=",".join(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_port", str(free_port()), str(WORKER)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
