@@ -254,16 +254,18 @@ def task_manager(tasks: list[str], include_path: str | None, key: str = "--tasks
     return manager
 
 
+_MANAGERS: dict[str | None, Any] = {}  # lm-eval's task index per include path: built once per process (seconds)
+
+
 def _new_task_manager(include_path: str | None) -> Any:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
-
-
-_KNOWN_TASKS: dict[str | None, frozenset[str]] = {}  # lm-eval's task names per include path, indexed once
+    if include_path not in _MANAGERS:  # the index only reads task YAMLs; evaluations do not change it
+        _MANAGERS[include_path] = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return _MANAGERS[include_path]
 
 
 def check_task_names(tasks: list[str], key: str, known: Any = None) -> None:
@@ -274,9 +276,7 @@ def check_task_names(tasks: list[str], key: str, known: Any = None) -> None:
             raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13")
         return
     if known is None:
-        if None not in _KNOWN_TASKS:
-            _KNOWN_TASKS[None] = frozenset(_new_task_manager(None).all_tasks)
-        known = _KNOWN_TASKS[None]
+        known = _new_task_manager(None).all_tasks
     unknown = [t for t in tasks if t not in PROJECT_TASKS and t not in known]
     if unknown:
         raise ConfigError(key, ",".join(unknown), f"unknown lm-eval task (project tasks: {', '.join(PROJECT_TASKS)})")
