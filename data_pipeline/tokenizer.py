@@ -114,9 +114,14 @@ class HFTokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
             -1 if i is None else int(i)
             for i in (self.hf.pad_token_id, self.hf.unk_token_id, self.hf.bos_token_id, self.hf.eos_token_id))
+        self.newline_id = None
+        # BERT's tokens for masked-LM examples (None where the tokenizer has none, e.g. OPT's GPT-2 BPE)
+        self.cls_id, self.sep_id, self.mask_id = (
+            None if i is None else int(i) for i in (self.hf.cls_token_id, self.hf.sep_token_id, self.hf.mask_token_id))
+        if self.eos_id < 0 and self.sep_id is not None:
+            self.eos_id = self.sep_id  # a WordPiece BERT vocabulary has no EOS: [SEP] separates packed documents
         if self.eos_id < 0:
             raise ProjectError(f"tokenizer has no EOS token: {self.path}")
-        self.newline_id = self.cls_id = self.sep_id = self.mask_id = None
         digest = hashlib.sha256()
         for file in sorted(p for p in self.path.iterdir() if p.is_file()):
             digest.update(file.name.encode() + file.read_bytes())
@@ -228,6 +233,10 @@ def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
     cfg.validate()
     if cfg.tokenizer is not None:
         return open_tokenizer(cfg.tokenizer)
+    from data_pipeline.prepared import is_indexed, prepared_tokenizer  # no heavy imports at module level there
+
+    if is_indexed(cfg):  # prepared data is read with the tokenizer it was written with
+        return prepared_tokenizer(cfg)
     if cfg.tokenizer_type == "char":  # a fixed vocabulary: nothing to train or cache
         from data_pipeline.char_tokenizer import CharTokenizer
 
