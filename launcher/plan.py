@@ -17,8 +17,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from launcher.planner import (GIB, GPUS, LayoutChoice, Plan, default_network, device_named, layout_of, plan_layout,
-                              suggest)
+from launcher.planner import (GIB, GPUS, LayoutChoice, Plan, data_line, default_network, device_named, layout_of,
+                              plan_layout, suggest)
 from common.cli import ArgumentParser, finite_number, positive_int, run_command
 from common.errors import ConfigError
 
@@ -139,8 +139,10 @@ def _main(argv: list[str] | None) -> int:
     network = default_network(device, args.gpus_per_node)
     plan = plan_layout(cfg, layout, device, args.mfu, network)
     options = suggest(cfg, gpus, device, args.mfu, network=network)
+    data = data_line(cfg, plan)
     if args.json:
-        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options]}, indent=2))
+        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options], "data": data},
+                         indent=2))
         return 0
     print(f"== {args.config} on {gpus} x {device.name} ==")
     if note:
@@ -155,6 +157,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"  {option.layout.describe():<58} {option.total / GIB:7.2f} GiB  {t}")
     if args.measure:
         print(measured_line(cfg))
+    if data:
+        print(data)
     print(plan.one_line())
     return 0
 
