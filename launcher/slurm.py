@@ -180,6 +180,12 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # bad config: fail before anything is launched
     if args.action == "command":
+        import torch
+
+        from launcher.preflight import preflight
+
+        # In the allocation, before the hostfile is written and any rank starts: what every rank would fail on.
+        preflight(cfg, torch.device("cuda" if _gpus_on_node(os.environ) else "cpu"))
         hostfile = Path(args.hostfile or cfg.run_path / f"hostfile-{os.environ.get('SLURM_JOB_ID', 'local')}")
         print(shlex.join(launch_command(args.config, args.overrides, hostfile, args.port)))
     else:
