@@ -32,6 +32,9 @@ from typing import Any, Callable, Iterator
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import ArgumentParser, finite_number, positive_int, run_command  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"opt_125m": "configs/opt_125m.yaml", "opt_1b3": "configs/opt_1b3.yaml"}
 
@@ -135,7 +138,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_command("benchmarks.data", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per row")
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 8, 64], help="simulated data-parallel sizes")
     parser.add_argument("--seq", type=int, default=512, help="tokens per block (opt_125m's 512)")
@@ -143,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=0.4)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     args = parser.parse_args(argv)
+    finite_number("--seconds", args.seconds, low=0, low_open=True)
+    finite_number("--mfu", args.mfu, low=0, high=1, low_open=True)
+    positive_int("--seq", args.seq, allow_none=False)
+    for size in args.dp:
+        positive_int("--dp", size, allow_none=False)
+    from launcher.planner import GPUS, device_named
+
+    try:
+        device_named(args.gpu)
+    except KeyError:
+        raise ConfigError("--gpu", args.gpu, f"unknown device (one of {', '.join(GPUS)}, cpu)") from None
     rows = run(args)
     print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0

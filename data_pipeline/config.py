@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
+import typing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from common.coerce import coerce
 from common.errors import ConfigError, ProjectError
 from common.plugins import is_import_path
 
@@ -218,12 +221,11 @@ def blend_parts(cfg: DataConfig) -> list[BlendPart]:
             if key not in SOURCE_KEYS:
                 raise ConfigError(f"{where}.{key}", entry[key], f"unknown key (valid: {', '.join(SOURCE_KEYS)})")
         weight = entry.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"{where}.weight", weight, "must be a positive number")
-        values = {k: v for k, v in entry.items() if k not in ("name", "weight")}
-        for key in ("train_files", "validation_files"):
-            if isinstance(values.get(key), str):
-                values[key] = [values[key]]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or not weight > 0:  # inf would normalise every weight to 0 or NaN
+            raise ConfigError(f"{where}.weight", weight, "must be a positive finite number")
+        hints = typing.get_type_hints(DataConfig)
+        values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in entry.items() if k not in ("name", "weight")}
         sub = replace(cfg, sources=[], **values)
         try:
             sub.validate()

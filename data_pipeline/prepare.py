@@ -260,6 +260,49 @@ def _check_manifest(manifest: dict[str, Any], fresh: dict[str, Any], out: Path) 
 
 # ---------------------------------------------------------------------------------------------- driver
 
+TEXT_FAMILIES = ("opt", "bert")
+
+
+def load_data_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Any:
+    """The `data:` section of a run config (a text family's), with `--set data.key=value` overrides applied.
+    Read here rather than through launcher.config: data_pipeline sits below the launcher (and needs no model)."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from common.errors import ConfigError
+    from data_pipeline.config import DataConfig
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ProjectError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ProjectError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+        raise ConfigError("data", raw.get("data") if isinstance(raw, dict) else raw, "must be a mapping")
+    family = (raw.get("model") or {}).get("family", "opt") if isinstance(raw.get("model"), dict) else "opt"
+    if family not in TEXT_FAMILIES:
+        raise ConfigError("model.family", family, "has no text data to prepare (prepare is for opt and bert)")
+    values = dict(raw.get("data") or {})
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if not _ or not key.startswith("data.") or key.count(".") != 1:
+            raise ConfigError(key, value, "--set takes data.KEY=VALUE here")
+        values[key.removeprefix("data.")] = yaml.safe_load(value) if value.strip() else ""
+    fields = {field.name: field for field in dataclasses.fields(DataConfig)}
+    hints = typing.get_type_hints(DataConfig)
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"data.{key}", value, f"unknown key (valid: {', '.join(sorted(fields))})")
+        if hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+    cfg = DataConfig(**values)
+    cfg.validate()
+    return cfg
+
+
 def _parts(data_cfg: Any) -> list[tuple[str, Any]]:
     from data_pipeline.config import blend_parts, default_name
 
@@ -277,15 +320,11 @@ def prepare(config: str, out: str | Path, *, overrides: tuple[str, ...] = (), wo
             merge_only: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Prepare (this task's share of) every source and split of `config` under `out`; returns the manifest once
     every shard is done and merged (None for an array task that left the merge to the final step)."""
-    from launcher.config import load_config
     from data_pipeline.tokenizer import load_or_train_tokenizer
     from data_pipeline.writable import check_writable_dir
 
     out = Path(out)
-    cfg = load_config(config, overrides)
-    data_cfg = cfg.data
-    if not hasattr(data_cfg, "sources"):
-        raise ProjectError(f"{config}: model.family={cfg.model.family} has no text data to prepare")
+    data_cfg = load_data_config(config, overrides)
     parts = _parts(data_cfg)
     if workers < 1:
         raise ProjectError(f"--workers must be at least 1, got {workers}")
