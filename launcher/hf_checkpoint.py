@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -21,6 +20,7 @@ from checkpoint.weights import check_shapes, locate, read_state_dict, save_weigh
 from launcher.config import RunConfig, config_text, load_config
 from common.errors import ProjectError
 from model.family import family_of, spec_for
+from model.hf_adapter import HFAdapter
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,17 @@ def init_state(path: str | Path, cfg: RunConfig) -> StateDict:
     return state
 
 
-def to_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
+def to_hf(state: StateDict, tie_word_embeddings: bool, *, family: str) -> StateDict:
     """This project's names -> the family's Hugging Face class's names (its adapter, model/<family>/hf.py)."""
     return hf_adapter(family).to_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
-def from_hf(state: StateDict, tie_word_embeddings: bool, family: str = "opt") -> StateDict:
+def from_hf(state: StateDict, tie_word_embeddings: bool, *, family: str) -> StateDict:
     """The family's Hugging Face class's names -> this project's (a tied head is not stored twice)."""
     return hf_adapter(family).from_hf(state, SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
 
 
-def hf_adapter(family: str) -> Any:
+def hf_adapter(family: str) -> HFAdapter:
     """The family's Hugging Face adapter (model/<family>/hf.py); one line for a family without one."""
     adapter = spec_for(family).hf
     if adapter is None:

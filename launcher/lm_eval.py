@@ -147,11 +147,11 @@ def project_task_configs(names: list[str], cfg: Any, folder: Path, docs: int) ->
 
 def own_perplexity(cfg: Any, state: dict[str, Any], device: str) -> dict[str, float]:
     """This project's validation perplexity (the examples and model launcher.evaluate uses): token-weighted."""
-    from outliers.report import model_from_state, perplexity, validation_examples
+    from outliers.report import family_metrics, model_from_state, validation_examples
 
     model = model_from_state(cfg, state, device)
     examples = validation_examples(cfg)
-    result = perplexity(model, examples, 8)
+    result = family_metrics(model, examples, 8)
     return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": int(result["targets"])}
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from launcher.comm_model import Network, all_gather_s, all_reduce_s, network_for, p2p_s
-from launcher.throughput import PEAK_TFLOPS, flops_per_token
+from launcher.throughput import PEAK_TFLOPS, cost_model, flops_per_token
 from model import variants
 from model.config import ModelConfig
 from model.recompute import RECOMPUTE_MODES, recompute_mode
@@ -128,7 +128,7 @@ def embedding_params(m: ModelConfig, tp: int = 1) -> tuple[int, int]:
     """(first-stage, last-stage) parameters outside the layers on one TP rank. The word embedding is
     vocab-parallel; positions, token types and LayerNorms are replicated. The tied head is the word embedding
     (one copy in one process; DeepSpeed keeps a copy on the first and the last pipeline stage)."""
-    return family_of(m).embedding_params(m, tp)
+    return cost_model(m).embedding_params(m, tp)
 
 
 def total_params(m: ModelConfig) -> int:
@@ -220,7 +220,7 @@ def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: in
       attention dropout). Selective recompute keeps none of attention's core: neither its output (xh/t) nor the
       scores and their dropout mask."""
     x, h, f, heads = seq * micro_batch, m.hidden_size, m.ffn_hidden_size, m.num_heads
-    ffn_terms = family_of(m).ffn_activation_terms
+    ffn_terms = cost_model(m).ffn_activation_terms
     elements = 4 * x * h + (4 if selective else 5) * x * h / tp + ffn_terms * x * f / tp
     if m.attention.gated:
         elements += x * h / tp
@@ -242,7 +242,7 @@ def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, a
     OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
     (gathered hidden, dense out, GELU out, LN out: 4nh)."""
     x, vocab = seq * micro_batch, m.padded_vocab_size / tp
-    kept_other, predicted = family_of(m).head_activations(m, x, act_bytes, mlm_probability)
+    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, mlm_probability)
     logprobs = 4 * predicted * vocab
     backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
     return kept_other + logprobs, backward
@@ -264,7 +264,7 @@ def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pip
         kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + full_layer
     else:  # selective: one layer's attention core is recomputed at a time
         kept = layers * in_flight * per_layer + (full_layer - per_layer)
-    if stage == 0 and family_of(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
+    if stage == 0 and cost_model(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
         kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
     if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
         head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)
@@ -310,7 +310,7 @@ def step_time_terms(cfg: Any, layout: LayoutChoice, device: Device, network: Net
     accumulation = max(1, cfg.train.global_batch_size // (layout.micro_batch_size * d))
     precision = resolve_precision(cfg.train.precision, device.kind)
     b = 4 if precision == "fp32" else 2
-    model_fpt = flops_per_token(m, seq, cfg.data.mlm_probability)
+    model_fpt = flops_per_token(m, seq, cfg.data)
     tokens = cfg.train.global_batch_size * seq
     hardware = (model_fpt + recompute_flops_per_token(m, seq, layout.activation_checkpointing, model_fpt)) * tokens
     assert device.peak_tflops
@@ -352,7 +352,7 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
                 network: Network | None = None) -> Plan:
     """The plan of `cfg` (a RunConfig) in `layout` on `device`: the busiest rank's bytes and the step time
     (with `network`'s links; default: the device's, launcher/comm_model.py)."""
-    if not family_of(cfg.model).plannable:
+    if family_of(cfg.model).cost_model() is None:
         raise ConfigError("model.family", cfg.model.family, "has no memory model in launcher.plan (the planner "
                           "models the text transformers: opt, bert)")
     m, seq = cfg.model, cfg.data.seq_length
@@ -375,7 +375,7 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None
-    best.flops_per_step = flops_per_token(m, seq, cfg.data.mlm_probability) * cfg.train.global_batch_size * seq
+    best.flops_per_step = flops_per_token(m, seq, cfg.data) * cfg.train.global_batch_size * seq
     if device.peak_tflops:
         best.network = network or default_network(device)
         busiest = max(stage_params(m, layout.tensor, layout.pipeline, s) for s in range(layout.pipeline))

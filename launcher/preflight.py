@@ -14,6 +14,7 @@ from data_pipeline.writable import check_writable_dir
 from launcher.config import RunConfig
 from launcher.distributed import check_device  # noqa: F401 (its callers' old home)
 from model.attention import resolve_backend
+from model.family import family_of
 from common.errors import ConfigError
 
 
@@ -36,8 +37,9 @@ def preflight(cfg: RunConfig, device: torch.device | None = None) -> None:
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision", "fp16", "needs a CUDA GPU (on CPU use fp32 or bf16)")
     check_writable_dir(cfg.run_path, "logging.run_dir/run_name")
-    if getattr(cfg.data, "cache_dir", None):  # the text families cache tokenizers and corpora there
-        check_writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    cache_dir = family_of(cfg.model).cache_dir(cfg)  # e.g. the text families' tokenizers and corpora
+    if cache_dir:
+        check_writable_dir(cache_dir, "data.cache_dir")
     check_periodic_lm_eval(cfg)
 
 

@@ -72,7 +72,7 @@ def prepare(cfg: RunConfig, world: WorldInfo, resume: str) -> Prepared:
     initial_state = init_state(cfg.train.init_from, cfg) if cfg.train.init_from and resume_from is None else None
     spec = family_of(cfg.model)
     # A bad data file leaves no cache behind (text families cache tokenizers and corpora under data.cache_dir).
-    cache_dir = getattr(cfg.data, "cache_dir", None)
+    cache_dir = spec.cache_dir(cfg)
     with remove_new_cache_files_on_error(cache_dir) if cache_dir else contextlib.nullcontext():
         data = spec.data(cfg, dp_rank=dp_rank, dp_world=layout.data)
     grad_accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)

@@ -6,22 +6,29 @@ Megatron's 6 * N_matmul + 12 * num_layers * hidden * seq_length, forward + backw
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
+
+from common.errors import ConfigError
+from model.family import CostModel, ModelSection, Section, family_of
 
 # Dense bf16 peak TFLOP/s per accelerator (vendor datasheets), used when logging.peak_tflops is unset.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
 
 
-def flops_per_token(cfg: Any, seq_length: int, mlm_probability: float = 0.15) -> float:
+def cost_model(cfg: ModelSection) -> CostModel:
+    """The family's planner terms (FamilySpec.cost_model); ConfigError for a family without them."""
+    model = family_of(cfg).cost_model()
+    if model is None:
+        raise ConfigError("model.family", cfg.family, "has no memory model for launcher.plan")
+    return model
+
+
+def flops_per_token(cfg: ModelSection, seq_length: int, data_cfg: Section | None = None) -> float:
     """Training FLOPs per token of the model `cfg` describes at this sequence length (the family's accounting,
-    FamilySpec.flops_per_token; BERT's MLM head counts with the selected fraction `mlm_probability`)."""
-    from types import SimpleNamespace
-
-    from model.family import family_of
-
-    return family_of(cfg).flops_per_token(cfg, seq_length, SimpleNamespace(mlm_probability=mlm_probability))
+    CostModel.flops_per_token, which reads what it needs of the run's data section, e.g. BERT's selected
+    fraction data.mlm_probability; None: the family's defaults)."""
+    return cost_model(cfg).flops_per_token(cfg, seq_length, data_cfg)
 
 
 def peak_tflops(configured: float | None) -> float | None:

@@ -251,7 +251,7 @@ class Trainer:
               f"({self.backend}{', gated' if cfg.attention.gated else ''}); {world.world_size} rank(s) as "
               f"{self.prep.layout.describe()}, ZeRO-{cfg.parallel.zero_stage}, {'bf16' if self.bf16 else 'fp32'}, "
               f"global batch {cfg.train.global_batch_size} x {self.example_length} tokens", flush=True)
-        if self.prep.spec.plannable:  # the planner models the text transformers
+        if self.prep.spec.cost_model() is not None:  # the planner models this family (the text transformers)
             from launcher.planner import run_plan_line  # launcher.plan's memory total of this layout (issue 18)
 
             print(run_plan_line(cfg, world.world_size, self.device.type), flush=True)

@@ -27,19 +27,89 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator, Protocol, Union
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError
 from common.plugins import import_named, is_import_path
+from model.attention_config import AttentionConfig
+from model.hf_adapter import HFAdapter
 
 if TYPE_CHECKING:
+    from deepspeed.pipe import LayerSpec
+
     from model.layers import LocalLayers
 
 # Built-in families, imported lazily (model packages pull in heavy dependencies such as timm or entmax).
 BUILTIN_FAMILIES = {"opt": "model.opt", "bert": "model.bert", "vit": "model.vit", "stanhop": "model.stanhop"}
+
+# One training example as a family's data makes it: a token block [seq] (OPT), masked ids + labels [2, seq]
+# (BERT), (pixels, class) (ViT), (input window, target window) (STanHop-Net).
+Example = Union[torch.Tensor, tuple[torch.Tensor, Union[torch.Tensor, int]]]
+
+
+class ModelSection(Protocol):
+    """A family's `model:` section (the dataclass its spec names as model_config_class)."""
+
+    family: str  # the registered family name, or package.module:SPEC
+    attention: AttentionConfig
+
+    def validate(self) -> None: ...
+
+
+class Section(Protocol):
+    """A config section that checks itself (one ConfigError line), e.g. a family's `data:` section."""
+
+    def validate(self) -> None: ...
+
+
+class TrainSection(Protocol):
+    micro_batch_size: int
+    global_batch_size: int
+    seed: int
+
+
+class EvalSection(Protocol):
+    max_blocks: int | None  # validation examples per evaluation (None: the whole split)
+    calibration_batches: int
+    calibration_batch_size: int
+
+
+class RunSettings(Protocol):
+    """A run config as a family reads it (launcher.config.RunConfig): the family's own `model:` and `data:`
+    sections (model_config_class, data_config_class) and the shared `train:` and `eval:` ones."""
+
+    @property
+    def model(self) -> ModelSection: ...
+    @property
+    def data(self) -> Section: ...
+    @property
+    def train(self) -> TrainSection: ...
+    @property
+    def eval(self) -> EvalSection: ...
+
+
+class CostModel(Protocol):
+    """launcher.plan's memory and FLOPs model of a family (model/text_spec.py's for the transformers)."""
+
+    ffn_activation_terms: int  # FFN activations [tokens, ffn/t] one layer keeps for backward
+    embedding_norm: bool  # the first stage keeps an embedding LayerNorm's input
+
+    def embedding_params(self, cfg: ModelSection, tp: int = 1) -> tuple[int, int]: ...
+    def head_activations(self, cfg: ModelSection, tokens: int, act_bytes: int,
+                         mlm_probability: float) -> tuple[float, int]: ...
+    def flops_per_token(self, cfg: ModelSection, seq_length: int, data_cfg: Section | None = None) -> float: ...
+
+
+class TextTokenizer(Protocol):
+    """What a text family's tokenizer provides to lm-eval and the export (data_pipeline's tokenizers)."""
+
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -67,10 +137,10 @@ class Batch:
 class ResumableStream(Protocol):
     """An endless iterator of examples whose position is part of a checkpoint."""
 
-    def __iter__(self) -> Iterator[Any]: ...
-    def __next__(self) -> Any: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def __iter__(self) -> Iterator[Example]: ...
+    def __next__(self) -> Example: ...
+    def state_dict(self) -> dict[str, object]: ...
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
 
 
 @dataclass
@@ -78,13 +148,13 @@ class FamilyData:
     """What one data-parallel rank trains and validates on."""
 
     train: ResumableStream  # endless, resumable examples of this rank
-    validation: list[Any]  # this rank's fixed validation examples (global example i goes to rank i % dp_world)
-    tokenizer: Any = None  # text families: the run's tokenizer (lm-eval, export); None otherwise
+    validation: list[Example]  # this rank's fixed validation examples (global example i goes to rank i % dp_world)
+    tokenizer: TextTokenizer | None = None  # text families: the run's tokenizer (lm-eval, export); None otherwise
     # A blend's validation examples per source name, for per-source metrics ({} for one source).
-    validation_by_source: dict[str, list[Any]] = field(default_factory=dict)
+    validation_by_source: dict[str, list[Example]] = field(default_factory=dict)
     # This rank's share of the test split, evaluated once at the end of a completed run (test_<metric>); None
     # for a family without a test split (the same on every rank: the evaluation is a collective).
-    test: list[Any] | None = None
+    test: list[Example] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +174,7 @@ class PipelineParts:
     """A family's DeepSpeed pipeline: LayerSpecs in order, the loss of the last stage, the repeated block's
     class name (partition method `type:<layer_class>`)."""
 
-    specs: list[Any]
+    specs: list[LayerSpec]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     layer_class: str
 
@@ -126,7 +196,6 @@ class FamilySpec(ABC):
     causal_lm: ClassVar[bool] = False  # lm-eval and data.bos need a causal language model
     supports_tensor_parallel: ClassVar[bool] = True
     supports_pipeline: ClassVar[bool] = True
-    plannable: ClassVar[bool] = False  # launcher.plan has a memory model of this family
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
     clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
     # Class names of the repeated blocks (their subclasses too, e.g. the pipeline's): what full activation
@@ -137,52 +206,57 @@ class FamilySpec(ABC):
 
     # ------------------------------------------------------------------ model and config
     @abstractmethod
-    def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
+    def build(self, cfg: ModelSection, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
         """The single-process model (or, with a tensor-parallel `layers` factory, this rank's shard)."""
 
-    def validate_model(self, cfg: Any) -> None:
+    def validate_model(self, cfg: ModelSection) -> None:
         """Family-specific checks of the `model:` section beyond its own validate() (one ConfigError line)."""
 
-    def validate_run(self, cfg: Any) -> None:
+    def validate_run(self, cfg: RunSettings) -> None:
         """Checks across sections of a run config (e.g. data length vs the model's positions)."""
 
-    def example_length(self, cfg: Any) -> int:
+    def cache_dir(self, cfg: RunSettings) -> str | None:
+        """The folder the family's data caches files in (tokenizers, corpora, datasets' cache), or None. A run
+        that fails on bad data leaves nothing new there; it must be writable (launcher.preflight)."""
+        return None
+
+    def example_length(self, cfg: RunSettings) -> int:
         """Positions per example that the model attends over (tokens, patches + class token, segments)."""
         return int(cfg.data.seq_length)
 
     # ------------------------------------------------------------------ data
     @abstractmethod
-    def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
+    def data(self, cfg: RunSettings, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
         """The training stream and validation examples of one data-parallel rank (bad input: ProjectError)."""
 
     @abstractmethod
-    def calibration_examples(self, cfg: Any, count: int) -> list[Any]:
+    def calibration_examples(self, cfg: RunSettings, count: int) -> list[Example]:
         """The first `count` training examples from the stream's seeded start (W8A8 calibration)."""
 
-    def validation_examples(self, cfg: Any) -> list[Any]:
+    def validation_examples(self, cfg: RunSettings) -> list[Example]:
         """Every validation example of an outlier evaluation (one process, eval.max_blocks of them)."""
         return self.data(cfg).validation
 
-    def test_examples(self, cfg: Any, limit: int | None = None) -> list[Any] | None:
+    def test_examples(self, cfg: RunSettings, limit: int | None = None) -> list[Example] | None:
         """The test split's examples (all, or `limit` of them), or None for a family without a test split."""
         return None
 
     @abstractmethod
-    def collate(self, examples: list[Any]) -> Batch:
+    def collate(self, examples: list[Example]) -> Batch:
         """Stack examples into a Batch."""
 
-    def train_batch_transform(self, cfg: Any) -> Callable[[Batch], Batch] | None:
+    def train_batch_transform(self, cfg: RunSettings) -> Callable[[Batch], Batch] | None:
         """A batch-level training augmentation (e.g. mixup), or None. It must be a pure function of the batch
         (and the config), so that a resumed run transforms every batch as the uninterrupted one did."""
         return None
 
-    def train_batches(self, cfg: Any, examples: Iterable[Any]) -> Iterator[Batch]:
+    def train_batches(self, cfg: RunSettings, examples: Iterable[Example]) -> Iterator[Batch]:
         """The training micro-batches launcher.pretrain feeds: `batches`, then `train_batch_transform`."""
         batches = self.batches(examples, cfg.train.micro_batch_size)
         transform = self.train_batch_transform(cfg)
         return batches if transform is None else map(transform, batches)
 
-    def batches(self, examples: Iterable[Any], micro_batch_size: int) -> Iterator[Batch]:
+    def batches(self, examples: Iterable[Example], micro_batch_size: int) -> Iterator[Batch]:
         """Consecutive examples collated into micro-batches (a partial tail is dropped)."""
         it = iter(examples)
         while True:
@@ -206,7 +280,7 @@ class FamilySpec(ABC):
         loss = sums["loss_sum"] / max(sums["targets"], 1.0)
         return {"loss": loss, **self.metrics_from_loss(loss)}
 
-    def reference_values(self, cfg: Any) -> dict[str, float]:
+    def reference_values(self, cfg: RunSettings) -> dict[str, float]:
         """Baselines a run's summary reports next to its metrics, e.g. {"uniform_ppl": vocabulary size}."""
         return {}
 
@@ -216,14 +290,14 @@ class FamilySpec(ABC):
             m.name == "ppl" for m in self.metrics) else {}
 
     # ------------------------------------------------------------------ parallel layouts
-    def pipeline(self, cfg: Any, seq_length: int, layers: LocalLayers) -> PipelineParts:
+    def pipeline(self, cfg: ModelSection, seq_length: int, layers: LocalLayers) -> PipelineParts:
         raise ConfigError("parallel.pipeline", ">1", f"is not supported by model.family={self.name}")
 
-    def canonical_name(self, name: str, cfg: Any) -> str:
+    def canonical_name(self, name: str, cfg: ModelSection) -> str:
         """A PipelineModule parameter name -> the single-process model's name."""
         raise NotImplementedError(f"{self.name} has no pipeline")
 
-    def check_layout(self, cfg: Any, tensor: int, pipeline: int) -> None:
+    def check_layout(self, cfg: ModelSection, tensor: int, pipeline: int) -> None:
         """One line when the family cannot run this layout (e.g. heads not divisible by TP)."""
         if tensor > 1 and not self.supports_tensor_parallel:
             raise ConfigError("parallel.tensor", tensor, f"must be 1: model.family={self.name} has no tensor "
@@ -275,15 +349,19 @@ class FamilySpec(ABC):
 
     # ------------------------------------------------------------------ cost
     @abstractmethod
-    def flops_per_example(self, cfg: Any) -> float:
+    def flops_per_example(self, cfg: RunSettings) -> float:
         """Training FLOPs (forward + backward) of one example (PaLM's 6N + attention accounting)."""
 
-    def synthetic_batch(self, cfg: Any, generator: torch.Generator) -> Batch:
+    def synthetic_batch(self, cfg: RunSettings, generator: torch.Generator) -> Batch:
         """A random micro-batch of the run's shapes (launcher/memory_probe.py measures activations with it)."""
         raise ConfigError("model.family", self.name, "has no memory model for launcher.plan")
 
+    def cost_model(self) -> CostModel | None:
+        """launcher.plan's model of this family's memory and step time, or None: the planner refuses it."""
+        return None
+
     # ------------------------------------------------------------------ export
-    hf: ClassVar[Any] = None  # the Hugging Face / timm adapter (model/<family>/hf.py), or None: no export
+    hf: ClassVar[HFAdapter | None] = None  # the Hugging Face / timm adapter (model/<family>/hf.py), or None: no export
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
@@ -311,11 +389,15 @@ def spec_for(name: str) -> FamilySpec:
     raise ConfigError("model.family", name, f"must be one of {', '.join(known_families())} or package.module:SPEC")
 
 
-def family_of(model_cfg: Any) -> FamilySpec:
+def family_of(model_cfg: ModelSection) -> FamilySpec:
     """The spec of a model config (anything with a `family` attribute, e.g. cfg.model)."""
     return spec_for(model_cfg.family)
 
 
-def build_model(cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
-    """The single-process (or, with a TP `layers` factory, tensor-parallel) model of `cfg.family`."""
-    return family_of(cfg).build(cfg, seq_length=seq_length, layers=layers)
+def build_model(cfg: ModelSection, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
+    """The single-process (or, with a TP `layers` factory, tensor-parallel) model of `cfg.family`. Its `config`
+    is the model section it was built from (the outlier evaluation finds the family through it)."""
+    model = family_of(cfg).build(cfg, seq_length=seq_length, layers=layers)
+    if getattr(model, "config", None) is None:
+        raise TypeError(f"{type(model).__name__} (model.family={cfg.family}) must keep its model section as .config")
+    return model

@@ -16,7 +16,6 @@ from model.family import FamilyData, FamilySpec, Metric
 class TextFamilySpec(FamilySpec):
     objective: ClassVar[str]  # which examples data_pipeline/examples.py makes: "causal" or "mlm"
     metrics = (Metric("ppl", "ppl", higher_is_better=False),)
-    plannable = True
 
     @property
     def model_config_class(self) -> type:  # type: ignore[override]
@@ -48,6 +47,12 @@ class TextFamilySpec(FamilySpec):
             raise ConfigError("parallel.tensor", tensor, f"must divide the padded vocabulary {cfg.padded_vocab_size}; "
                               f"set model.pad_vocab_to_multiple_of to a multiple of {tensor}")
         super().check_layout(cfg, tensor, pipeline)
+
+    def cache_dir(self, cfg: Any) -> str | None:
+        return cfg.data.cache_dir  # tokenizers and corpora
+
+    def cost_model(self) -> TextFamilySpec:
+        return self  # the transformer terms below (launcher/planner.py)
 
     def reference_values(self, cfg: Any) -> dict[str, float]:
         return {"uniform_ppl": float(cfg.model.vocab_size)}  # the perplexity of guessing uniformly

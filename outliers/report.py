@@ -128,9 +128,9 @@ def block_batches(blocks: list[Any], micro_batch_size: int, spec: FamilySpec) ->
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: list[Any], micro_batch_size: int) -> dict[str, float]:
+def family_metrics(model: nn.Module, blocks: list[Any], micro_batch_size: int) -> dict[str, float]:
     """The family's validation metrics of the examples, as launcher.pretrain's evaluation computes them
-    ({"loss", "ppl", "targets"} for OPT and BERT): each batch weighted by its number of targets
+    ({"loss", "ppl", "targets"} for OPT and BERT, {"loss", "mse", "mae", "targets"} for STanHop-Net): each batch weighted by its number of targets
     (FamilySpec.eval_sums); "targets" is that number summed."""
     spec = family_of(model.config)
     device = next(model.parameters()).device
@@ -158,7 +158,7 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
     start = time.perf_counter()
     task = BackcopyHooks(model, settings.trigger_ids) if settings.trigger_ids else contextlib.nullcontext()
     with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks, task:
-        fp = perplexity(model, val_blocks, settings.micro_batch_size)
+        fp = family_metrics(model, val_blocks, settings.micro_batch_size)
     modules, sinks = hooks.results(), sink_hooks.results()
     spec = family_of(model.config)
     keys = summary_keys(spec)
@@ -169,7 +169,7 @@ def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: li
             raise ValueError("W8A8 evaluation needs calibration blocks")
         qmodel = quantize_w8a8(model, settings.ptq)
         calibrate(qmodel, block_batches(calib_blocks, settings.calibration_batch_size, spec))
-        w8a8 = perplexity(qmodel, val_blocks, settings.micro_batch_size)
+        w8a8 = family_metrics(qmodel, val_blocks, settings.micro_batch_size)
         values.update({f"w8a8_val_{k}": v for k, v in w8a8.items()})
     values = {key: values.get(key) for key in keys}
     backcopy = None

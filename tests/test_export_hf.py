@@ -158,7 +158,7 @@ def test_exported_tokenizer_encodes_like_the_project_tokenizer(softmax1_export, 
 def test_hf_perplexity_equals_project_perplexity(softmax1_export, sp_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from outliers.report import perplexity  # what launcher.evaluate reports as FP perplexity
+    from outliers.report import family_metrics  # what launcher.evaluate reports as FP perplexity
 
     cfg, model, out = softmax1_export
     tokenizer = Tokenizer(sp_model)
@@ -166,7 +166,7 @@ def test_hf_perplexity_equals_project_perplexity(softmax1_export, sp_model: Path
     blocks = [torch.tensor(stream[i:i + SEQ]) for i in range(0, len(stream) - SEQ + 1, SEQ)][:10]
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
-        expected = perplexity(model, blocks, micro_batch_size=4)["ppl"]
+        expected = family_metrics(model, blocks, micro_batch_size=4)["ppl"]
     assert hf_perplexity(hf, blocks, micro_batch_size=3) == pytest.approx(expected, rel=1e-5)
 
 

@@ -20,7 +20,7 @@ from model.family import family_of
 from outliers.plots import per_layer_grid, tensorboard_tag
 from outliers.ptq import (PTQSettings, QuantLinear, act_quantizers, calibrate, quantize_w8a8, quantize_weight,
                           resolve_settings)
-from outliers.report import EvalSettings, _capture, block_batches, evaluate_model, format_table, perplexity
+from outliers.report import EvalSettings, _capture, block_batches, evaluate_model, family_metrics, format_table
 from outliers.stats import OutlierHooks, inf_norm, kurtosis, outlier_modules, summarize
 
 SEQ = 16
@@ -204,9 +204,9 @@ def test_mlm_perplexity_counts_only_the_masked_positions() -> None:
     masked = labels != IGNORE_INDEX
     assert masked.sum(dim=1).unique().numel() > 1  # batches of 3 carry different numbers of targets
     expected = float(F.cross_entropy(logits[masked], labels[masked]))  # the mean over every masked token
-    result = perplexity(model, batch, micro_batch_size=3)
+    result = family_metrics(model, batch, micro_batch_size=3)
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
     # ... while changing the masked inputs does change it (the model sees the [MASK] tokens)
     unmasked = [torch.stack([torch.where(x[1] == IGNORE_INDEX, x[0], x[1]), x[1]]) for x in batch]
-    assert perplexity(model, unmasked, micro_batch_size=3)["loss"] != pytest.approx(result["loss"], rel=1e-3)
+    assert family_metrics(model, unmasked, micro_batch_size=3)["loss"] != pytest.approx(result["loss"], rel=1e-3)

@@ -74,6 +74,9 @@ class ViTSpec(FamilySpec):
                               f"differs from the {source.num_classes} classes of {source.name}")
         return source
 
+    def cache_dir(self, cfg: Any) -> str | None:
+        return cfg.data.cache_dir  # datasets' cache of image folders and hub datasets
+
     def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
         from model.vit.data import ImageStream, validation_examples
 
