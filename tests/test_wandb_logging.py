@@ -55,6 +55,9 @@ def test_offline_wandb_run_has_the_scalars_config_and_outliers_and_resume_contin
     assert config["model"]["hidden_size"] == cfg.model.hidden_size == 32
     assert config["attention"]["variant"] == cfg.attention.variant
     assert config["logging"]["wandb"]["mode"] == "offline"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert "config/text_summary" in EventAccumulator(str(run_path / "tb")).Reload().Tags()["tensors"]  # TB has it too
 
     # every train/val scalar of metrics.jsonl, at its step, in the segment that logged it
     rows = [history(segment) for segment in records]
@@ -74,9 +77,12 @@ def test_offline_wandb_run_has_the_scalars_config_and_outliers_and_resume_contin
     at_3 = {key: value for row in rows[0] if row["step"] == 3 for key, value in row.items()}
     assert at_3["outliers/avg_kurtosis"] == pytest.approx(outliers["avg_kurtosis"])
     assert any(key.startswith("outliers_kurtosis/") for key in at_3)
-    assert at_3["outliers/per_layer"]["_type"] == "image-file"
-    table = at_3["outliers/modules"]
-    assert table["_type"] == "table-file" and table["nrows"] == len(outliers["modules"])
+    # media are stored as files; the reader flattens their history entries into dotted keys
+    assert at_3["outliers/per_layer._type"] == "image-file" and at_3["outliers/per_layer.format"] == "png"
+    assert at_3["outliers/worst_module_activations._type"] == "histogram"
+    assert at_3["outliers/modules._type"] == "table-file" and at_3["outliers/modules.nrows"] == len(outliers["modules"])
+    table = json.loads((segments[0] / "files" / at_3["outliers/modules.path"]).read_text())
+    assert [row[0] for row in table["data"]] == list(outliers["modules"])
 
 
 def test_wandb_is_off_by_default_and_bad_settings_name_their_key() -> None:
