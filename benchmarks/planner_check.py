@@ -7,8 +7,9 @@ What goes in is measured on this machine, in this run, one thread per rank (OMP_
   - the matmul rate (the best of square fp32 matmuls): the planner's "peak";
   - gloo's all-reduce time over a sweep of sizes between 2 ranks, fitted to the ring model's 2 a + S / B
     (launcher/comm_model.py): latency a and bandwidth B, the planner's link;
-  - one rank's step time of the model (TP1 PP1 DP1): its model FLOP/s over the matmul rate is the compute
-    efficiency (the planner's MFU), which every layout shares.
+  - the compute efficiency (the planner's MFU: model FLOP/s over the matmul rate) of two independent one-rank
+    runs of half the global batch each, side by side: what each of two ranks computes at while the other
+    runs too (on a shared machine that is not one rank's rate alone; DP1, one rank alone, is shown too).
 Then each 2-rank layout trains the same model through parallel/engine.py (launcher.pretrain's path) and its
 median step time is compared with launcher.planner.plan_layout's prediction for that layout. The table shows
 predicted, measured, their ratio and the prediction's terms.
@@ -17,6 +18,7 @@ predicted, measured, their ratio and the prediction's terms.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -32,13 +34,15 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch
 
+from common.cli import ArgumentParser, positive_int, run_command
+
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"DP1": (1, 1), "DP2": (1, 1), "TP2": (2, 1), "PP2": (1, 2)}  # (tensor, pipeline); DP fills the world
 SWEEP = [2**k for k in range(10, 23, 2)]  # all-reduce sizes in bytes, 1 KiB .. 4 MiB
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=1024)
@@ -52,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=["train", "bandwidth"], help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="1,1", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "micro", "global_batch", "steps"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
+    return args
 
 
 def run_config(args: argparse.Namespace) -> Any:
@@ -157,6 +164,13 @@ def run_worker(args: argparse.Namespace, worker: str, ranks: int, layout: tuple[
         return json.loads(out.read_text())
 
 
+def run_side_by_side(args: argparse.Namespace) -> float:
+    """The median step time of two independent one-rank runs (of `args`) started together."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_worker(args, "train", 1), range(2)))
+    return statistics.median(t for result in results for t in result["times"])
+
+
 def matmul_rate(size: int = 512, reps: int = 20) -> float:
     """FLOP/s of the best fp32 square matmul on one thread (what each rank gets)."""
     threads = torch.get_num_threads()
@@ -174,14 +188,13 @@ def matmul_rate(size: int = 512, reps: int = 20) -> float:
 
 
 def fit_link(medians: dict[str, float]) -> tuple[float, float]:
-    """(latency per ring step, bytes/s) from 2-rank all-reduce times t(S) = 2 a + S / B (least squares)."""
-    sizes = [float(s) for s in medians]
-    times = [medians[s] for s in medians]
-    n = len(sizes)
-    mean_s, mean_t = sum(sizes) / n, sum(times) / n
-    slope = sum((s - mean_s) * (t - mean_t) for s, t in zip(sizes, times)) / sum((s - mean_s) ** 2 for s in sizes)
-    intercept = mean_t - slope * mean_s
-    return max(intercept / 2, 1e-7), 1 / slope
+    """(latency per ring step, bytes/s) from 2-rank all-reduce times t(S) = 2 a + S / B: a from the smallest
+    size, B the median of S / (t - 2a) over the sizes where bandwidth dominates (>= 256 KiB); robust to one
+    slow outlier, which a least-squares fit is not."""
+    sizes = sorted(medians, key=float)
+    latency = medians[sizes[0]] / 2
+    rates = sorted(float(s) / max(medians[s] - 2 * latency, 1e-9) for s in sizes if float(s) >= 2**18)
+    return latency, rates[len(rates) // 2]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,24 +216,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ranks = 1 if name == "DP1" else 2
         measured[name] = statistics.median(run_worker(args, "train", ranks, (tp, pp))["times"])
         progress.update()
+    half = argparse.Namespace(**{**vars(args), "global_batch": args.global_batch // 2})
+    side_by_side = run_side_by_side(half)
+    progress.update()
     progress.close()
     device = Device("cpu (1 thread per rank)", 1e6, peak / 1e12, kind="cpu")
     single = plan_layout(cfg, LayoutChoice(micro_batch_size=args.micro), device, mfu=1.0, network=network)
-    efficiency = single.step_time_s / measured["DP1"]  # the compute efficiency every layout shares
+    alone = single.step_time_s / measured["DP1"]  # one rank alone on the machine
+    efficiency = single.step_time_s / 2 / side_by_side  # each of two ranks computing at once
     rows = []
     for name, (tp, pp) in LAYOUTS.items():
         data = (1 if name == "DP1" else 2) // (tp * pp)
-        plan = plan_layout(cfg, LayoutChoice(tp, pp, data, 0, args.micro), device, mfu=efficiency, network=network)
+        plan = plan_layout(cfg, LayoutChoice(tp, pp, data, 0, args.micro), device,
+                           mfu=alone if name == "DP1" else efficiency, network=network)
         rows.append({"layout": name, "predicted_s": plan.step_time_s, "measured_s": measured[name],
                      "ratio": plan.step_time_s / measured[name], "terms_s": plan.time})
     return {"matmul_tflops": peak / 1e12, "gloo": {"latency_s": latency, "bandwidth_gbs": bytes_per_s / 1e9,
                                                     "allreduce_medians_s": medians},
-            "compute_efficiency": efficiency, "rows": rows,
+            "compute_efficiency": efficiency, "compute_efficiency_alone": alone,
+            "side_by_side_half_batch_s": side_by_side, "rows": rows,
             "shape": {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "micro",
                                                     "global_batch")}}
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.planner_check", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.worker == "train":
         train_worker(args)
@@ -234,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gloo = result["gloo"]
     print(f"inputs: matmul {result['matmul_tflops'] * 1e3:.1f} GFLOP/s per thread; gloo {gloo['bandwidth_gbs']:.2f} "
-          f"GB/s, {gloo['latency_s'] * 1e6:.0f} us per ring step; compute efficiency (DP1) "
-          f"{result['compute_efficiency']:.0%}")
+          f"GB/s, {gloo['latency_s'] * 1e6:.0f} us per ring step; compute efficiency {result['compute_efficiency']:.0%} "
+          f"per rank with two ranks computing ({result['compute_efficiency_alone']:.0%} for one rank alone)")
     print(f"{'layout':<7}{'predicted':>11}{'measured':>10}{'ratio':>7}  terms")
     for row in result["rows"]:
         terms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["terms_s"].items() if v)

@@ -10,7 +10,6 @@ the same run: the factor recompute saves, measured and planned.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, positive_int, run_command  # noqa: E402
 
 MIB = 2**20
 MODES = ("none", "full", "selective")
@@ -62,10 +63,15 @@ def run(micro: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_command("benchmarks.recompute_memory", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro", type=int, default=2, help="micro-batch size")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    positive_int("--micro", args.micro, allow_none=False)
     rows = run(args.micro)
     if args.json:
         print(json.dumps({"micro_batch_size": args.micro, "rows": rows}, indent=2))

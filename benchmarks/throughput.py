@@ -42,6 +42,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch
 
 from benchmarks.attention import DTYPES, machine
+from common.cli import ArgumentParser, finite_number, positive_int, run_command
+from common.errors import ConfigError
 from model.attention import resolve_backend
 from model.config import AttentionConfig, ModelConfig
 from model.opt import OPTForCausalLM
@@ -227,7 +229,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line with --quick applied (also used by gpu_check)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -259,10 +261,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = max(1, args.warmup)
     if args.compile is None:
         args.compile = not args.quick
+    for flag in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "batch", "steps", "peak_size", "peak_reps"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
+    positive_int("--threads", args.threads)
+    finite_number("--lr", args.lr, low=0, low_open=True)
+    finite_number("--dropout", args.dropout, low=0, high=1)
+    if args.dropout >= 1:
+        raise ConfigError("--dropout", args.dropout, "must lie in [0, 1)")
+    if args.hidden % args.heads:
+        raise ConfigError("--heads", args.heads, f"must divide --hidden={args.hidden}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda", "this machine has no CUDA device (use cpu or auto)")
+    from model import variants
+
+    for name in args.variants:  # ProjectError naming an unknown variant
+        variants.get(name)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.throughput", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

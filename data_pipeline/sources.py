@@ -30,10 +30,13 @@ from filelock import FileLock
 
 from data_pipeline.config import DataConfig, expand_files
 from data_pipeline.markers import ARTICLE, to_wiki40b_markers, wiki40b_to_text
+from common.cli import detach_library_console_handlers
 from common.errors import ConfigError, ProjectError
 
 # Our progress bar is the trainer's; datasets' per-split bars would interleave with it (and with errors).
 datasets.disable_progress_bars()
+# datasets' own stderr handler: its log lines would precede our one `error:` line (common/cli.py).
+detach_library_console_handlers()
 
 WIKI40B_REPO = "google/wiki40b"
 # Points at a local copy of the hub repo (<dir>/<language>/<split>-*.parquet); used instead of the hub.

@@ -233,6 +233,10 @@ def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
     cfg.validate()
     if cfg.tokenizer is not None:
         return open_tokenizer(cfg.tokenizer)
+    from data_pipeline.prepared import is_indexed, prepared_tokenizer  # no heavy imports at module level there
+
+    if is_indexed(cfg):  # prepared data is read with the tokenizer it was written with
+        return prepared_tokenizer(cfg)
     if cfg.tokenizer_type == "char":  # a fixed vocabulary: nothing to train or cache
         from data_pipeline.char_tokenizer import CharTokenizer
 

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from data_pipeline.config import DataConfig
 from launcher.wandb_logging import WandbConfig
 from model.config import AttentionConfig, ModelConfig
 from model.family import family_of, spec_for
+from common.coerce import coerce as _coerce
 from common.errors import ConfigError, ProjectError
 from common.plugins import is_import_path
 from model.recompute import RECOMPUTE_MODES, recompute_mode
@@ -247,61 +246,6 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["attention"] = out["model"].pop("attention")
         return {key: out[key] for key in ("model", "attention", "data", "parallel", "train", "logging", "eval")}
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check/convert a YAML value against a dataclass field type (int, float, bool, str, Optional, list)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        last_error: ConfigError | None = None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                last_error = error
-        assert last_error is not None
-        raise last_error
-    if origin is list:
-        if isinstance(value, str):  # a single path given on the command line
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(key, value, "must be a list")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, key) for item in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, value, "must be true or false")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, value, "must be an integer")
-    if annotation is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(key, value, "must be a number")
-        if not math.isfinite(number):  # no setting means anything at inf/NaN; they only fail later, elsewhere
-            raise ConfigError(key, value, "must be a finite number")
-        return number
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, value, "must be a string")
-    return value
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, classes: dict[str, type] | None = None) -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 import tempfile
@@ -28,12 +27,13 @@ import torch
 
 from launcher.config import RunConfig, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from model.family import family_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="step directory, checkpoints directory, run directory or weights-only checkpoint")
     parser.add_argument("--quant", choices=("none", "w8a8"), default="none",
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("validation", "test"), default="validation",
                         help="which split to evaluate; test: families with a test split (e.g. stanhop), keys "
                              "test_<metric> / w8a8_test_<metric>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--recipe", default=None,
                         help="for a Hugging Face / timm folder: the data/eval recipe of its import (launcher.import_hf "
                              "--config; default: the family's)")
@@ -104,17 +105,19 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_command("launcher.evaluate", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = Path(args.checkpoint)
-            if is_published_folder(checkpoint):
-                checkpoint = import_published(checkpoint, Path(tmp) / checkpoint.name, args.recipe)
-            result = evaluate_checkpoint(checkpoint, args.quant == "w8a8", args.overrides, args.device, args.split)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from launcher.preflight import check_device
+
+    check_device("--device", args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint)
+        if is_published_folder(checkpoint):
+            checkpoint = import_published(checkpoint, Path(tmp) / checkpoint.name, args.recipe)
+        result = evaluate_checkpoint(checkpoint, args.quant == "w8a8", args.overrides, args.device, args.split)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from checkpoint.weights import variant_param
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from launcher.config import RunConfig, config_from_dict, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, save_weights_checkpoint
@@ -49,7 +50,7 @@ ATTENTION_KEYS = {"attention_gated": "gated", "clip_gamma": "gamma", "clip_zeta"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local Hugging Face / timm model folder (config.json + weights)")
     parser.add_argument("--out", required=True, help="output folder (weights-only checkpoint)")
     parser.add_argument("--variant", choices=SOFTMAX_VARIANTS, default=None,
@@ -198,12 +199,12 @@ def import_model(args: argparse.Namespace) -> tuple[Path, RunConfig, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.import_hf", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        out, cfg, notes = import_model(args)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out, cfg, notes = import_model(args)
     attention = cfg.attention.variant + (" + gate" if cfg.attention.gated else "")
     for note in notes:
         print(note)

@@ -17,13 +17,14 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from launcher.planner import (GIB, GPUS, LayoutChoice, Plan, default_network, device_named, layout_of, plan_layout,
-                              suggest)
-from common.errors import ConfigError, ProjectError
+from launcher.planner import (GIB, GPUS, LayoutChoice, Plan, data_line, default_network, device_named, layout_of,
+                              plan_layout, suggest)
+from common.cli import ArgumentParser, finite_number, positive_int, run_command
+from common.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_125m.yaml")
     parser.add_argument("--gpus", type=int, default=None,
                         help="ranks to plan for (default: the smallest count the configured layout needs)")
@@ -110,36 +111,38 @@ def measured_line(cfg: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.plan", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed (its ZeRO estimators) would warn about it on stdout, in --json too
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        from launcher.config import load_config
+    # Every check before any output; common/cli.py prints the one error line.
+    from launcher.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        if args.gpus is not None and args.gpus < 1:
-            raise ConfigError("--gpus", args.gpus, "must be a positive integer")
-        if args.gpus_per_node < 1:
-            raise ConfigError("--gpus-per-node", args.gpus_per_node, "must be a positive integer")
-        if not 0 < args.mfu <= 1:
-            raise ConfigError("--mfu", args.mfu, "must lie in (0, 1]")
-        try:
-            device = device_named(args.gpu, args.memory_gib, args.peak_tflops or cfg.logging.peak_tflops)
-        except KeyError:
-            raise ConfigError("--gpu", args.gpu, f"unknown device (one of {', '.join(GPUS)}, cpu)") from None
-        minimum = cfg.parallel.tensor * cfg.parallel.pipeline
-        gpus = args.gpus or minimum
-        layout, note = configured_layout(cfg, gpus)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    positive_int("--gpus", args.gpus)
+    positive_int("--gpus-per-node", args.gpus_per_node, allow_none=False)
+    finite_number("--mfu", args.mfu, low=0, high=1, low_open=True)
+    finite_number("--memory-gib", args.memory_gib, low=0, low_open=True)
+    finite_number("--peak-tflops", args.peak_tflops, low=0, low_open=True)
+    try:
+        device = device_named(args.gpu, args.memory_gib, args.peak_tflops or cfg.logging.peak_tflops)
+    except KeyError:
+        raise ConfigError("--gpu", args.gpu, f"unknown device (one of {', '.join(GPUS)}, cpu)") from None
+    minimum = cfg.parallel.tensor * cfg.parallel.pipeline
+    gpus = args.gpus or minimum
+    layout, note = configured_layout(cfg, gpus)
     network = default_network(device, args.gpus_per_node)
     plan = plan_layout(cfg, layout, device, args.mfu, network)
     options = suggest(cfg, gpus, device, args.mfu, network=network)
+    data = data_line(cfg, plan)
     if args.json:
-        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options]}, indent=2))
+        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options], "data": data},
+                         indent=2))
         return 0
     print(f"== {args.config} on {gpus} x {device.name} ==")
     if note:
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {option.layout.describe():<58} {option.total / GIB:7.2f} GiB  {t}")
     if args.measure:
         print(measured_line(cfg))
+    if data:
+        print(data)
     print(plan.one_line())
     return 0
 

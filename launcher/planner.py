@@ -470,3 +470,34 @@ def run_plan_line(cfg: Any, world_size: int, device_type: str) -> str:
     else:
         device = device_named("cpu")
     return plan_layout(cfg, layout_of(cfg, world_size), device).one_line()
+
+
+# ------------------------------------------------------------------------------------------------ data
+# Tokens/s one core tokenizes and packs for the streamed sources (BlockStream, the bundled sample with an 8k
+# SentencePiece tokenizer, measured by benchmarks/data.py; issue 26 measured 976k/s). An estimate: run
+# `python -m benchmarks.data` for this machine and corpus. Prepared data (source: indexed) reads a sample in
+# tens of microseconds, orders of magnitude faster than any step consumes.
+STREAM_TOKENS_PER_CORE_S = 1.0e6
+
+
+def data_line(cfg: Any, plan: Plan) -> str | None:
+    """Whether the data pipeline keeps up with the planned step: tokens/s one data-parallel rank consumes against
+    what the configured data mode delivers to it (None without a step time, e.g. on CPU)."""
+    if plan.step_time_s is None:
+        return None
+    from data_pipeline.prepared import is_indexed
+
+    dp = plan.layout.data
+    consumed = cfg.train.global_batch_size * cfg.data.seq_length / plan.step_time_s / dp
+    if is_indexed(cfg.data):
+        return (f"data: each data-parallel rank consumes {consumed / 1e3:,.0f}k tokens/s; prepared data "
+                f"(source: indexed) reads only its own samples, far faster: data does not bound the step")
+    by_blocks = cfg.data.shard_by == "blocks" and dp > 1
+    delivered = STREAM_TOKENS_PER_CORE_S / (dp if by_blocks else 1)
+    mode = (f"streaming with shard_by=blocks (every rank tokenizes all {dp} ranks' data)" if by_blocks
+            else "streaming with shard_by=documents" if dp > 1 else "streaming")
+    verdict = (f"DATA-BOUND: tokenizing a step's data takes about {consumed / delivered:.1f}x the step; prepare "
+               f"the data (python -m data_pipeline.prepare, source: indexed)"
+               if delivered < consumed else "keeps up")
+    return (f"data: each data-parallel rank consumes {consumed / 1e3:,.0f}k tokens/s; {mode} delivers about "
+            f"{delivered / 1e3:,.0f}k/s per rank on one core (estimate, benchmarks.data): {verdict}")

@@ -191,3 +191,13 @@ def test_cli_prints_plan_and_suggestions(capsys: pytest.CaptureFixture[str]) -> 
                                                "H200, A100-80GB, A100-40GB, L40S, A10G, V100, cpu)")
     assert plan.main(["--config", "configs/opt_tiny.yaml", "--gpus", "3", "--set", "parallel.tensor=2"]) == 2
     assert capsys.readouterr().err.startswith("error: config key 'parallel.tensor'")
+
+
+def test_planner_check_fits_latency_and_bandwidth_robustly() -> None:
+    from benchmarks.planner_check import fit_link
+
+    # t(S) = 2 a + S / B with a = 50 us, B = 1 GB/s; the largest size is an outlier (a busy machine)
+    times = {str(s): 100e-6 + s / 1e9 for s in (2**10, 2**14, 2**18, 2**20, 2**22)}
+    times[str(2**22)] *= 5
+    latency, bandwidth = fit_link(times)
+    assert latency == pytest.approx(50e-6, rel=0.03) and bandwidth == pytest.approx(1e9, rel=0.01)
