@@ -11,8 +11,15 @@ from typing import Any
 
 from common.coerce import coerce
 from common.errors import ConfigError, ProjectError
+from common.plugins import is_import_path
 
-SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy", "indexed")
+# Built-in text sources -> the module that registers each (data_pipeline/source_registry.py imports it on first
+# lookup); a source outside this repository is named as data.source: package.module:NAME instead.
+BUILTIN_SOURCES = {"wiki_sample": "data_pipeline.sources", "wiki40b": "data_pipeline.sources",
+                   "files": "data_pipeline.sources", "hub": "data_pipeline.sources",
+                   "bigram_backcopy": "data_pipeline.bigram"}
+# `indexed`: token blocks data_pipeline.prepare wrote, read block-wise (data_pipeline/indexed.py), not documents.
+SOURCES = (*BUILTIN_SOURCES, "indexed")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
                "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers",
@@ -96,8 +103,8 @@ class DataConfig:
                 raise ConfigError("data.sources", [e.get("source") for e in self.sources],
                                   "mixes prepared (indexed) and streamed sources; prepare them all, or none")
             return
-        if self.source not in SOURCES:
-            raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
+        if self.source not in SOURCES and not is_import_path(self.source):  # data_pipeline/source_registry.py
+            raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)} or package.module:NAME")
         if self.source in ("wiki_sample", "bigram_backcopy") and self.language not in WIKI_SAMPLE_LANGUAGES:
             raise ConfigError(
                 "data.language", self.language, f"wiki_sample has only {', '.join(WIKI_SAMPLE_LANGUAGES)}"

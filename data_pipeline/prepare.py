@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ProjectError
+from data_pipeline.prepared import MANIFEST, read_manifest
+from data_pipeline.tokenizer import open_tokenizer_spec
 
-MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 VERSION = 1
 _PROGRESS_EVERY = 256  # documents between progress messages of a worker
@@ -80,16 +81,6 @@ def tokenizer_spec(tokenizer: Any) -> str:
     if isinstance(tokenizer, HFTokenizer):
         return f"hf:{tokenizer.path.absolute()}"
     return str(Path(tokenizer.path).absolute())
-
-
-def open_tokenizer_spec(spec: str) -> Any:
-    if spec == "char":
-        from data_pipeline.char_tokenizer import CharTokenizer
-
-        return CharTokenizer()
-    from data_pipeline.tokenizer import open_tokenizer
-
-    return open_tokenizer(spec)
 
 
 # ------------------------------------------------------------------------------------------- one shard
@@ -242,16 +233,6 @@ def drop_shard_data(out: Path, name: str, split: str, num_shards: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- manifest
-
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ProjectError(f"prepared data manifest {path} is unreadable: {e}") from None
-
 
 def _source_description(cfg: Any) -> dict[str, Any]:
     keys = ("source", "language", "train_files", "validation_files", "text_field", "hub_path", "hub_config",

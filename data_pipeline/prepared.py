@@ -4,12 +4,15 @@ and tokenizer. Reads only manifests (no torch), so config validation can check `
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from common.errors import ProjectError
+
+MANIFEST = "manifest.json"  # what data_pipeline.prepare writes last into its output folder
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,16 @@ class PreparedSource:
         return None if tok.get("spec") == "char" else tok.get("spec")
 
 
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProjectError(f"prepared data manifest {path} is unreadable: {e}") from None
+
+
 def resolve_prepared(path: str | Path) -> PreparedSource:
     """data.path -> the prepared source: DIR/<name> (DIR holds manifest.json) or DIR when it holds one source."""
     return _resolve(str(Path(path).expanduser().absolute()))
@@ -48,8 +61,6 @@ def resolve_prepared(path: str | Path) -> PreparedSource:
 
 @lru_cache(maxsize=64)
 def _resolve(path_text: str) -> PreparedSource:
-    from data_pipeline.prepare import MANIFEST, read_manifest
-
     path = Path(path_text)
     if not path.exists():
         raise ProjectError(f"prepared data folder not found: {path} (write it with python -m data_pipeline.prepare)")
@@ -86,19 +97,6 @@ def is_indexed(cfg: Any) -> bool:
     if cfg.sources:
         return all(entry.get("source") == "indexed" for entry in cfg.sources)
     return cfg.source == "indexed"
-
-
-def prepared_tokenizer(cfg: Any) -> Any:
-    """The tokenizer the prepared data was written with (data.tokenizer unset)."""
-    from data_pipeline.prepare import open_tokenizer_spec
-
-    parts = parts_of(cfg)
-    fingerprints = {part.fingerprint for part, _ in parts}
-    if len(fingerprints) > 1:
-        raise ProjectError(f"the prepared sources of data.sources were tokenized with different tokenizers "
-                           f"({', '.join(sorted(fingerprints))}): prepare them with one config")
-    spec = parts[0][0].tokenizer_path()
-    return open_tokenizer_spec(spec or "char")
 
 
 def check_tokenizer(cfg: Any, tokenizer: Any) -> None:

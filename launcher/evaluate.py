@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from launcher.preflight import check_device
+    from launcher.distributed import check_device
 
     check_device("--device", args.device)
     with tempfile.TemporaryDirectory() as tmp:

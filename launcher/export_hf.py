@@ -77,15 +77,9 @@ def remote_files(adapter: HFAdapter) -> list[Path]:
 
 
 def _attention_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The extra config.json keys both remote modeling files read (see DEFAULTS there)."""
-    a = cfg.attention
-    if not variants.get(a.variant).exportable:
-        raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export: the exported attention file "
-                           f"({SHARED_ATTENTION_FILE}) computes {', '.join(v for v in variants.names() if variants.get(v).exportable)}")
-    clip = a.variant_params(cfg.data.seq_length)  # alpha resolved against the training block length
-    return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
-                attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
-                gate_init_prob=a.gate_init_prob, train_seq_length=cfg.data.seq_length)
+    """The extra config.json keys the remote modeling files read (model.variants.export_settings: from the
+    export file's own table, alpha resolved against the training block length)."""
+    return variants.export_settings(cfg.attention, cfg.data.seq_length)
 
 
 def hf_config(cfg: RunConfig, special_ids: dict[str, int | None]) -> Any:

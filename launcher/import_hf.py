@@ -38,15 +38,13 @@ from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from launcher.config import RunConfig, config_from_dict, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, save_weights_checkpoint
+from model import variants
 from model.config import SOFTMAX_VARIANTS
 from model.family import known_families, spec_for
 from model.hf_adapter import HFAdapter, HFSource
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
-# export_hf's attention keys in config.json -> the run config's attention settings
-ATTENTION_KEYS = {"attention_gated": "gated", "clip_gamma": "gamma", "clip_zeta": "zeta", "gate_type": "gate_type",
-                  "gate_hidden": "gate_hidden", "gate_init_prob": "gate_init_prob"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,9 +112,7 @@ def run_config(raw: dict[str, Any], source: HFSource, args: argparse.Namespace, 
     attention = raw["attention"]
     stored = source.attention  # set in folders from launcher.export_hf
     attention.update(variant=args.variant or stored.get("attention_variant", "softmax"))
-    attention.update({ours: stored[theirs] for theirs, ours in ATTENTION_KEYS.items() if theirs in stored})
-    if "clip_gamma" in stored:
-        attention["alpha"] = None  # the export resolved alpha into gamma
+    attention.update(variants.imported_settings(stored))  # the export file's table, read backwards
     attention["gated"] = bool(args.gated or stored.get("attention_gated", False))
     raw["data"].update(source.data)
     if source.tokenizer_dir is not None:

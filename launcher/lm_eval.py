@@ -212,7 +212,7 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
         problem = writable_dir_problem(Path(out).absolute().parent)
         if problem is not None:
             raise ConfigError("--out", str(out), f"cannot be written: {problem}")
-    from launcher.preflight import check_device
+    from launcher.distributed import check_device
 
     device = str(check_device("--device", device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     _, folder = locate(checkpoint)

@@ -12,6 +12,7 @@ import torch
 
 from data_pipeline.writable import check_writable_dir
 from launcher.config import RunConfig
+from launcher.distributed import check_device  # noqa: F401 (its callers' old home)
 from model.attention import resolve_backend
 from common.errors import ConfigError
 
@@ -19,25 +20,6 @@ from common.errors import ConfigError
 def expected_device() -> torch.device:
     """The device launcher.distributed.init_process_group will pick (CUDA when present, else CPU)."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def check_device(flag: str, name: str) -> torch.device:
-    """The device `name` (cpu, cuda, cuda:1, mps) names, if this machine has it; ConfigError naming `flag` if not."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(flag, name, "is not a device name (cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(flag, name, "this machine has no CUDA device (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(flag, name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(flag, name, "this machine has no MPS device (use cpu)")
-    elif device.type != "cpu":
-        raise ConfigError(flag, name, "must be cpu, cuda or cuda:N")
-    return device
 
 
 def preflight(cfg: RunConfig, device: torch.device | None = None) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from model.hf_remote.outeffhop_attention import HeadGate
 from model import variants
-from model.config import AttentionConfig
+from model.attention_config import AttentionConfig
 from model.kernels.sdpa import causal_mask
 from model.layers import LocalLayers
 from model.taps import Tap

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from common.errors import ProjectError
+from model.hf_remote.outeffhop_attention import DEFAULTS
 
 StateDict = dict[str, torch.Tensor]
 
@@ -39,10 +40,9 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def attention_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The attention settings an export_hf folder's config.json carries (none in a published model)."""
-    keys = ("attention_variant", "clip_gamma", "clip_zeta", "attention_gated", "gate_type", "gate_hidden",
-            "gate_init_prob")
-    return {key: config[key] for key in keys if key in config}
+    """The attention settings an export_hf folder's config.json carries (none in a published model): the keys of
+    the export file's table (outeffhop_attention.DEFAULTS)."""
+    return {key: config[key] for key in DEFAULTS if key in config}
 
 
 def require(path: Path, config: Any, settings: dict[str, tuple[Any, str]], model: str) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from common.errors import ProjectError
 from model.hf_adapter import HFAdapter, HFSource, StateDict, attention_keys, load_remote, one_line, require
-from model.vit import timm_names
+import model.vit.timm_names as timm_names
 
 # Project name (regex) -> transformers' ViTForImageClassification name; the rest of a block keeps its suffix.
 _TO_HF = [
@@ -48,7 +48,7 @@ _FROM_HF = [
     (r"^vit\.layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
-REMOTE_FILE = Path(__file__).with_name("modeling_outeffhop_vit.py")
+REMOTE_FILE = Path(__file__).resolve().parents[1] / "hf_remote" / "modeling_outeffhop_vit.py"
 TIMM_ARCHITECTURE = "vit_small_patch16_224"  # a registered timm name; model_args set every dimension
 # transformers ViTConfig keys this project's ViT needs at these values: (value, what differs otherwise)
 REQUIRED = {
@@ -72,7 +72,7 @@ def _renamed(state: StateDict, rules: list[tuple[str, str]], what: str) -> State
 
 
 class ViTAdapter(HFAdapter):
-    remote_module = "model.vit.modeling_outeffhop_vit"
+    remote_module = "model.hf_remote.modeling_outeffhop_vit"
     remote_class = "OutEffHopViTForImageClassification"
     stock_class = "ViTForImageClassification"
     auto_class = "AutoModelForImageClassification"
@@ -102,7 +102,7 @@ class ViTAdapter(HFAdapter):
                         head=CLASSIFIER)
 
     def _weights(self, folder: Path) -> StateDict:
-        from model.vit.modeling_outeffhop_vit import OutEffHopViTForImageClassification
+        from model.hf_remote.modeling_outeffhop_vit import OutEffHopViTForImageClassification
 
         hf_model, missing = load_remote(OutEffHopViTForImageClassification, folder, allowed_missing=("classifier.",))
         state = self.from_hf(hf_model.state_dict(), None)
@@ -132,14 +132,7 @@ class ViTAdapter(HFAdapter):
         """The extra config.json keys outeffhop_attention.py reads (clipping resolved for patches + class token)."""
         from model import variants
 
-        a, seq_length = cfg.model.attention, cfg.model.seq_length
-        if not variants.get(a.variant).exportable:
-            raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export (outeffhop_attention.py "
-                               f"computes {', '.join(v for v in variants.names() if variants.get(v).exportable)})")
-        clip = a.variant_params(seq_length)
-        return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
-                    attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
-                    gate_init_prob=a.gate_init_prob, train_seq_length=seq_length)
+        return variants.export_settings(cfg.model.attention, cfg.model.seq_length)
 
     def export_folder(self, cfg: Any, state: StateDict, out: Any, dtype: Any = None) -> Path:
         return export_folder(cfg, state, out, dtype)
@@ -251,7 +244,7 @@ def export_folder(cfg: Any, state: StateDict, out: str | Path, dtype: torch.dtyp
     casts the transformers weights (None: as trained; the timm copy stays fp32)."""
     import json
 
-    from model.vit.modeling_outeffhop_vit import ATTN_IMPLEMENTATION, OutEffHopViTForImageClassification
+    from model.hf_remote.modeling_outeffhop_vit import ATTN_IMPLEMENTATION, OutEffHopViTForImageClassification
 
     adapter, out = ViTAdapter(), Path(out)
     config = adapter.config(cfg, {}, adapter.attention_settings(cfg))
