@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from common.cli import ArgumentParser, positive_int, run_command
+from common.errors import ConfigError
 from launcher.memory_probe import LiveTensorMemory
 from model import kernels
 from model.attention import resolve_backend, scaled_dot_product
@@ -240,7 +242,7 @@ def _machine_line(info: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the defaults that depend on the machine resolved (also used by gpu_check)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=12)
@@ -258,6 +260,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--progress", action="store_true", help="report each finished length on stderr")
     args = parser.parse_args(argv)
+    for length in args.seq:
+        positive_int("--seq", length, allow_none=False)
+    for flag in ("batch", "heads", "head_dim", "reps", "eager_max_seq"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
+    positive_int("--threads", args.threads)
+    if args.warmup < 0:
+        raise ConfigError("--warmup", args.warmup, "must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda", "this machine has no CUDA device (use cpu or auto)")
     if args.dtype is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.dtype = "bf16" if cuda else "fp32"
@@ -265,6 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.attention", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,6 +48,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_report import format_markdown, summary_lines
+from common.cli import ArgumentParser, finite_number, run_command
+from common.errors import ProjectError
+from data_pipeline.writable import check_writable_dir
 from launcher import json_safe
 
 if TYPE_CHECKING:
@@ -67,7 +70,7 @@ def _sections() -> list[Section]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="report folder (default runs/gpu_check/<UTC time>)")
     parser.add_argument("--quick", action="store_true", help="toy sizes on CPU: the same code paths, in about a minute")
     parser.add_argument("--only", nargs="+", metavar="SECTION", help="run these sections only (e.g. a rerun)")
@@ -220,6 +223,10 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.gpu_check", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
@@ -230,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("error: no CUDA device; run with --quick for the CPU smoke run of the same code", file=sys.stderr)
-            return 2
+            raise ProjectError("no CUDA device; run with --quick for the CPU smoke run of the same code")
     names = [s.name for s in _sections()]
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
-        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(names)}", file=sys.stderr)
-        return 2
+        raise ProjectError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    finite_number("--deadline", args.deadline, low=0, low_open=True)
+    check_writable_dir(args.out, "--out")
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_all(args)
     json_path, md_path = write_report(report, args.out)

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from common.cli import ArgumentParser, run_command
+from common.errors import ProjectError
+
 
 def _num(value: Any, spec: str = ".3g") -> str:
     if value is None:
@@ -134,11 +137,22 @@ def summary_lines(report: dict[str, Any], json_path: Path, md_path: Path) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    print(format_markdown(json.loads(Path(args[0]).read_text())))
+    return run_command("benchmarks.gpu_report", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.splitlines()[0])
+    parser.add_argument("report", help="a gpu_check report.json")
+    path = Path(parser.parse_args(argv).report)
+    if not path.is_file():
+        raise ProjectError(f"report file not found: {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProjectError(f"{path} is not a JSON report: {error}") from None
+    if not isinstance(report, dict) or "sections" not in report:
+        raise ProjectError(f"{path} is not a gpu_check report (no 'sections')")
+    print(format_markdown(report))
     return 0
 
 

@@ -34,6 +34,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch
 
+from common.cli import ArgumentParser, finite_number, positive_int, run_command
+from data_pipeline.writable import check_writable_dir
 from model.hopfield import retrieve
 
 SEPARATIONS = ("softmax", "softmax1")
@@ -133,7 +135,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", type=int, nargs="+", default=[16, 32, 64], help="pattern dimensions d")
     p.add_argument("--patterns", type=int, nargs="+", default=[4, 16, 64, 256, 1024], help="stored patterns N")
     p.add_argument("--trials", type=int, default=256, help="independent memories (and queries) per setting")
@@ -146,16 +148,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/hopfield_capacity"), help="folder for PNG and JSON")
     args = p.parse_args(argv)
     for name in ("trials", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.beta <= 0 or args.margin < 0 or not 0 <= args.noise <= 1:
-        p.error("need --beta > 0, --margin >= 0 and 0 <= --noise <= 1")
-    if min(args.dims) < 1 or min(args.patterns) < 1:
-        p.error("--dims and --patterns must be >= 1")
+        positive_int(f"--{name}", getattr(args, name), allow_none=False)
+    finite_number("--beta", args.beta, low=0, low_open=True)
+    finite_number("--margin", args.margin, low=0)
+    finite_number("--noise", args.noise, low=0, high=1)
+    for name in ("dims", "patterns"):
+        for value in getattr(args, name):
+            positive_int(f"--{name}", value, allow_none=False)
+    check_writable_dir(args.out, "--out")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.hopfield_capacity", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -175,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"Hopfield retrieval capacity ({', '.join(f'{k}={v}' for k, v in settings.items())})")
         print(format_table(rows))
         print(f"{report['seconds']} s; plot and JSON in {args.out}/")
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,12 +2,15 @@
 
     python -m benchmarks.throughput [--layers 4 --hidden 256 --heads 4 --ffn 1024 --vocab 8192]
                                     [--seq 256 --batch 4] [--variants softmax softmax1] [--steps 5] [--json]
+                                    [--compile | --no-compile] [--compile-variants softmax1]
 
 Both models get the same shape, the same weights (this project's state dict copied into transformers'),
 the same token batch and their own AdamW; one training step = zero_grad + forward with labels (mean
 next-token loss) + backward + optimizer step. Steps are interleaved (ours, theirs, ours, ...) after
 `--warmup` steps each, so machine noise hits all models alike; tokens/s = batch * seq / median step time,
-and the ratio is ours / transformers' (sdpa attention). This project's model runs `attention.backend=auto`
+and the ratio is ours / transformers' (sdpa attention). With --compile (the default except --quick), each
+variant also runs as "ours compiled": the same model with its blocks compiled by torch.compile (train.compile,
+model/compile.py), compiled during its warm-up steps; its row reports the first step's time (compilation). This project's model runs `attention.backend=auto`
 (sdpa on CPU for softmax and softmax1, the Triton kernel for softmax1 on CUDA). The JSON rows also hold every
 step's loss and, on CUDA, each model's peak memory: its resident parameters, gradients and AdamW state plus
 the most a step allocated beyond what was allocated before it (what the model would peak at on its own).
@@ -24,6 +27,7 @@ utilisation is that over the machine's measured matmul peak: the best of `--peak
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -38,6 +42,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch
 
 from benchmarks.attention import DTYPES, machine
+from common.cli import ArgumentParser, finite_number, positive_int, run_command
+from common.errors import ConfigError
 from model.attention import resolve_backend
 from model.config import AttentionConfig, ModelConfig
 from model.opt import OPTForCausalLM
@@ -61,6 +67,13 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, to
         else:  # every variant starts from the same weights
             model.load_state_dict(reference_state)
         models[f"ours ({variant})"] = model
+        if args.compile and variant in (args.compile_variants or args.variants):
+            from model.compile import compile_blocks
+            from model.family import family_of
+
+            compiled = copy.deepcopy(model)
+            compile_blocks(compiled, family_of(cfg))
+            models[f"ours compiled ({variant})"] = compiled
     hf_config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=args.seq,
                           dropout=args.dropout, attention_dropout=0.0, word_embed_proj_dim=args.hidden,
@@ -111,12 +124,13 @@ class StepRecord:
     losses: list[float]  # every step's, warm-up included
     times: list[float]  # the timed steps' seconds
     step_peak: int = 0  # CUDA: the most one step allocated beyond what was allocated before it
+    first_s: float = 0.0  # the first (untimed) step's seconds: compilation, for a compiled model
 
 
 def measure_steps(steps: dict[str, Callable[[], float]], warmup: int, timed: int,
                   device: torch.device) -> dict[str, StepRecord]:
     """`warmup` untimed then `timed` timed steps of every model, interleaved (noise hits all alike)."""
-    records = {name: StepRecord([], []) for name in steps}
+    records = {name: StepRecord([], [], first_s=0.0) for name in steps}
     cuda = device.type == "cuda"
     for i in range(warmup + timed):
         for name, step in steps.items():
@@ -130,6 +144,8 @@ def measure_steps(steps: dict[str, Callable[[], float]], warmup: int, timed: int
             if cuda:
                 torch.cuda.synchronize(device)
                 record.step_peak = max(record.step_peak, torch.cuda.max_memory_allocated(device) - base)
+            if i == 0:
+                record.first_s = time.perf_counter() - start
             if i >= warmup:
                 record.times.append(time.perf_counter() - start)
     return records
@@ -177,10 +193,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"model": name, "step_ms": statistics.median(ts) * 1e3, "steps_ms": [t * 1e3 for t in ts],
                      "tokens_per_s": tps, "ratio_to_transformers": tps / hf_tps,
                      "model_tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak, "first_loss": losses[0],
-                     "losses": losses, "peak_mib": peak_mib})
+                     "losses": losses, "peak_mib": peak_mib, "first_step_s": records[name].first_s})
     return {"benchmark": "throughput", "machine": machine(device),
             "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "batch",
-                                                   "dropout", "dtype", "steps", "warmup", "variants", "lr")},
+                                                   "dropout", "dtype", "steps", "warmup", "variants", "lr",
+                                                   "compile")},
             "attention_backend": {v: resolve_backend("auto", v, device) for v in args.variants},
             "params": ours.num_parameters(), "flops_per_token": fpt,
             "flops_formula": "6 * (params - position embeddings) + 12 * layers * hidden * seq",
@@ -197,17 +214,22 @@ def format_table(result: dict[str, Any]) -> str:
              f"params {result['params'] / 1e6:.2f}M, FLOPs/token {result['flops_per_token'] / 1e6:.1f}M "
              f"({result['flops_formula']}); measured matmul peak {result['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s",
              "",
-             f"{'model':<24}{'step ms':>10}{'tokens/s':>12}{'vs transformers':>17}{'GFLOP/s':>10}{'MFU':>8}"]
+             f"{'model':<33}{'step ms':>10}{'tokens/s':>12}{'vs transformers':>17}{'GFLOP/s':>10}{'MFU':>8}"]
     for r in result["results"]:
-        lines.append(f"{r['model']:<24}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+        lines.append(f"{r['model']:<33}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
                      f"{r['ratio_to_transformers']:>16.2f}x"
                      f"{r['model_tflops'] * 1e3:>10.1f}{r['mfu'] * 100:>7.1f}%")
+    compiled = [r for r in result["results"] if r["model"].startswith("ours compiled")]
+    for r in compiled:  # what torch.compile cost, once
+        eager = next((e for e in result["results"] if e["model"] == r["model"].replace(" compiled", "")), None)
+        speedup = f", {eager['step_ms'] / r['step_ms']:.2f}x eager's speed" if eager else ""
+        lines.append(f"{r['model']}: first step {r['first_step_s']:.1f}s (compiling){speedup}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line with --quick applied (also used by gpu_check)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -226,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--peak-reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time each variant with its blocks torch.compile'd (default: on, off with --quick)")
+    parser.add_argument("--compile-variants", nargs="+", default=None,
+                        help="the variants to compile (default: every --variants)")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration for smoke tests")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
@@ -233,10 +259,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 128
         args.seq, args.batch, args.steps, args.warmup, args.peak_size, args.peak_reps = 16, 2, 2, 1, 128, 2
     args.warmup = max(1, args.warmup)
+    if args.compile is None:
+        args.compile = not args.quick
+    for flag in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "batch", "steps", "peak_size", "peak_reps"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
+    positive_int("--threads", args.threads)
+    finite_number("--lr", args.lr, low=0, low_open=True)
+    finite_number("--dropout", args.dropout, low=0, high=1)
+    if args.dropout >= 1:
+        raise ConfigError("--dropout", args.dropout, "must lie in [0, 1)")
+    if args.hidden % args.heads:
+        raise ConfigError("--heads", args.heads, f"must divide --hidden={args.hidden}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda", "this machine has no CUDA device (use cpu or auto)")
+    from model import variants
+
+    for name in args.variants:  # ProjectError naming an unknown variant
+        variants.get(name)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("benchmarks.throughput", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

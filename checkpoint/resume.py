@@ -46,7 +46,8 @@ def resume_point(run_path: Path, resume: str, world_size: int) -> tuple[ResumePo
 # its files and RNG states were written for. Everything else (LR schedule, steps, intervals, logging,
 # evaluation) may change on resume and takes effect.
 FIXED_SECTIONS = ("model.", "attention.", "data.", "parallel.")
-CHANGEABLE = {"attention.backend", "data.cache_dir", "parallel.activation_checkpointing"}
+CHANGEABLE = {"attention.backend", "data.cache_dir", "data.prefetch", "parallel.activation_checkpointing",
+              "train.compile"}
 FIXED_TRAIN = {"train.micro_batch_size", "train.global_batch_size", "train.precision", "train.seed"}
 
 

@@ -19,8 +19,9 @@ _EXPORTS = {
     "calibration_examples": "data_pipeline.examples",
     "batch_iterator": "data_pipeline.packing",
     "validation_blocks": "data_pipeline.packing",
-    "DocumentSource": "data_pipeline.sources",
-    "open_source": "data_pipeline.sources",
+    "DocumentSource": "data_pipeline.source_registry",
+    "open_source": "data_pipeline.source_registry",
+    "register_source": "data_pipeline.source_registry",
     "Tokenizer": "data_pipeline.tokenizer",
     "load_or_train_tokenizer": "data_pipeline.tokenizer",
     "train_tokenizer": "data_pipeline.tokenizer",
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from data_pipeline.examples import calibration_examples, eval_examples, train_examples
     from data_pipeline.markers import to_wiki40b_markers, wiki40b_to_text
     from data_pipeline.packing import BlockStream, batch_iterator, validation_blocks
-    from data_pipeline.sources import DocumentSource, open_source
+    from data_pipeline.source_registry import DocumentSource, open_source, register_source
     from data_pipeline.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from data_pipeline.char_tokenizer import ALPHABET, FIRST_CHAR_ID
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DocumentSource
+from data_pipeline.source_registry import DocumentSource, register_source
 from common.errors import ProjectError
 
 EVAL_DOCUMENTS = 4096  # documents in the validation and test splits (train is endless)
@@ -164,3 +164,11 @@ class BigramBackcopySource(DocumentSource):
         positions = count(rank + start * world, world) if total is None else range(rank + start * world, total, world)
         for index in positions:
             yield self.document(epoch, index)
+
+
+
+def open_bigram_backcopy(cfg: DataConfig, split: str, **options: object) -> BigramBackcopySource:
+    return BigramBackcopySource(cfg, split)
+
+
+register_source("bigram_backcopy", open_bigram_backcopy)

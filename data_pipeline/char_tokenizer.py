@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from data_pipeline.tokenizer import BOS_ID, CLS, EOS_ID, MASK, NEWLINE, PAD_ID, SEP, UNK_ID
+from data_pipeline.special_tokens import BOS_ID, CLS, EOS_ID, MASK, NEWLINE, PAD_ID, SEP, UNK_ID
 
 # Space, lower-case letters, digits, the common punctuation and the accented letters of en/fr/es Wikipedia:
 # 59 characters, 67 tokens with the specials (Guo et al. 2024's vocabulary size).

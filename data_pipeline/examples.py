@@ -17,7 +17,10 @@ import torch
 from data_pipeline.blend import BlendStream
 from data_pipeline.config import DataConfig, blend_parts
 from data_pipeline.mlm import SPECIAL_TOKENS, Masker, MaskingRule, MLMStream
-from data_pipeline.packing import BlockStream, validation_blocks
+from data_pipeline.indexed import IndexedStream
+from data_pipeline.prepared import is_indexed
+from data_pipeline.indexed import validation_blocks as indexed_validation_blocks
+from data_pipeline.packing import BlockStream, block_prefix, validation_blocks
 from common.errors import ConfigError, ProjectError
 
 OBJECTIVES = ("causal", "mlm")
@@ -36,8 +39,11 @@ def _block_config(cfg: DataConfig) -> DataConfig:
 
 
 def _blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int,
-            separator_id: int | None = None) -> BlockStream | BlendStream:
-    """One source's block stream, or the weighted blend of data.sources."""
+            separator_id: int | None = None) -> BlockStream | BlendStream | IndexedStream:
+    """One source's block stream, or the weighted blend of data.sources; prepared data by global sample index."""
+    if is_indexed(cfg):
+        return IndexedStream(cfg, tokenizer, "train", dp_rank, dp_world, separator_id=separator_id,
+                             prefix=block_prefix(cfg, tokenizer))
     if cfg.sources:
         return BlendStream(blend_parts(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
                            separator_id=separator_id)
@@ -66,10 +72,13 @@ def eval_examples(cfg: DataConfig, objective: str, tokenizer: Any, split: str = 
         return [example for examples in by_source.values() for example in examples]
     _check(cfg, objective)
     if objective == "causal":
+        if is_indexed(cfg):
+            return indexed_validation_blocks(cfg, tokenizer, split, dp_rank, dp_world, max_blocks,
+                                             prefix=block_prefix(cfg, tokenizer))
         return validation_blocks(cfg, tokenizer, split, dp_rank=dp_rank, dp_world=dp_world, max_blocks=max_blocks)
     masker = Masker(tokenizer, MaskingRule.from_config(cfg), vocab_size)
-    blocks = validation_blocks(_block_config(cfg), tokenizer, split, max_blocks=max_blocks,
-                               separator_id=masker.sep_id)
+    read = indexed_validation_blocks if is_indexed(cfg) else validation_blocks
+    blocks = read(_block_config(cfg), tokenizer, split, max_blocks=max_blocks, separator_id=masker.sep_id)
     mine = [masker.example(block, cfg.mlm_eval_seed, index)
             for index, block in enumerate(blocks) if index % dp_world == dp_rank]
     if not mine:

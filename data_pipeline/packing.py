@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DocumentSource, open_source
+from data_pipeline.source_registry import DocumentSource, open_source
 from data_pipeline.tokenizer import Tokenizer
 from common.errors import ProjectError
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -30,10 +29,14 @@ from filelock import FileLock
 
 from data_pipeline.config import DataConfig, expand_files
 from data_pipeline.markers import ARTICLE, to_wiki40b_markers, wiki40b_to_text
+from data_pipeline.source_registry import DocumentSource, open_source, register_source
+from common.cli import detach_library_console_handlers
 from common.errors import ConfigError, ProjectError
 
 # Our progress bar is the trainer's; datasets' per-split bars would interleave with it (and with errors).
 datasets.disable_progress_bars()
+# datasets' own stderr handler: its log lines would precede our one `error:` line (common/cli.py).
+detach_library_console_handlers()
 
 WIKI40B_REPO = "google/wiki40b"
 # Points at a local copy of the hub repo (<dir>/<language>/<split>-*.parquet); used instead of the hub.
@@ -44,20 +47,6 @@ WIKI_SPLITS = ("train", "validation", "test")
 WIKI40B_SCHEMA = pa.schema([("wikidata_id", pa.string()), ("text", pa.string()), ("version_id", pa.string())])
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 _READ_CHUNK = 256  # documents fetched per random-access read of a map-style dataset
-
-
-class DocumentSource(ABC):
-    """Documents of one split. `name` identifies the corpus (it is stored in BlockStream states)."""
-
-    name: str
-    split: str
-
-    @abstractmethod
-    def documents(self, epoch: int, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[str]:
-        """Cleaned documents of `epoch` in that epoch's order, restricted to this rank's share (documents
-        j of the epoch order with j % world == rank; a streamed source may hand out whole parquet shards
-        instead), starting at index `start` of that share. Empty documents are yielded as "" so that
-        indices stay stable; callers skip them."""
 
 
 class LocalSource(DocumentSource):
@@ -100,22 +89,8 @@ class StreamingSource(DocumentSource):
             yield self._clean(row["text"] or "")
 
 
-def open_source(cfg: DataConfig, split: str = "train", *,
-                wiki40b_dir: str | os.PathLike | None = None) -> DocumentSource:
-    """The configured corpus's `split`. `wiki40b_dir` (or $WIKI40B_DATA_DIR) replaces the hub for wiki40b."""
-    cfg.validate()
-    if cfg.source == "files":
-        return _open_files(cfg, split)
-    if cfg.source == "hub":
-        return _open_hub(cfg, split)
-    if cfg.source == "bigram_backcopy":  # synthetic, generated on the fly
-        from data_pipeline.bigram import BigramBackcopySource
-
-        return BigramBackcopySource(cfg, split)
-    if split not in WIKI_SPLITS:
-        raise ProjectError(f"unknown split '{split}' for source {cfg.source} (one of {', '.join(WIKI_SPLITS)})")
-    if cfg.source == "wiki40b":
-        return _open_wiki40b(cfg, split, wiki40b_dir or os.environ.get(WIKI40B_DIR_ENV))
+def _open_wiki_sample(cfg: DataConfig, split: str, **options: object) -> LocalSource:
+    _check_wiki_split(cfg, split)
     directory = build_wiki_sample(cfg.cache_dir, cfg.language)
     path = directory / f"{split}.parquet"
     ds = _load_local("parquet", [str(path)], "text", cfg.cache_dir)
@@ -124,9 +99,17 @@ def open_source(cfg: DataConfig, split: str = "train", *,
     return LocalSource(name, split, ds, cfg.shuffle, cfg.seed, wiki40b_to_text)
 
 
+def _check_wiki_split(cfg: DataConfig, split: str) -> None:
+    if split not in WIKI_SPLITS:
+        raise ProjectError(f"unknown split '{split}' for source {cfg.source} (one of {', '.join(WIKI_SPLITS)})")
+
+
 # ---------------------------------------------------------------------------------------------- wiki40b
 
-def _open_wiki40b(cfg: DataConfig, split: str, local_dir: str | os.PathLike | None) -> StreamingSource:
+def _open_wiki40b(cfg: DataConfig, split: str, wiki40b_dir: str | os.PathLike | None = None,
+                  **options: object) -> StreamingSource:
+    _check_wiki_split(cfg, split)
+    local_dir = wiki40b_dir or os.environ.get(WIKI40B_DIR_ENV)  # a local copy of the hub repo replaces the hub
     name = f"wiki40b/{cfg.language}"  # same name for hub and local copy: a state moves between the two
     if local_dir:
         root = Path(local_dir) / cfg.language
@@ -159,7 +142,7 @@ def holdout_bucket(text: str) -> float:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) / 16**12
 
 
-def _open_hub(cfg: DataConfig, split: str) -> StreamingSource:
+def _open_hub(cfg: DataConfig, split: str, **options: object) -> StreamingSource:
     """Any dataset by name on the Hugging Face hub (or a local dataset folder), streamed; plain-text documents."""
     if split not in ("train", "validation"):
         raise ProjectError(f"source=hub has the splits train and validation, not '{split}'")
@@ -248,7 +231,7 @@ def build_wiki_sample(cache_dir: str | os.PathLike, language: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------ files
 
-def _open_files(cfg: DataConfig, split: str) -> LocalSource:
+def _open_files(cfg: DataConfig, split: str, **options: object) -> LocalSource:
     patterns = {"train": cfg.train_files, "validation": cfg.validation_files}.get(split)
     if patterns is None:
         raise ProjectError(f"source=files has the splits train and validation, not '{split}'")
@@ -320,3 +303,10 @@ def _require_text(ds: datasets.Dataset, what: str) -> None:
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}"
+
+
+for _name, _opener in (("wiki_sample", _open_wiki_sample), ("wiki40b", _open_wiki40b), ("files", _open_files),
+                       ("hub", _open_hub)):
+    register_source(_name, _opener)
+
+__all__ = ["DocumentSource", "LocalSource", "StreamingSource", "open_source", "build_wiki_sample"]

@@ -25,14 +25,11 @@ import sentencepiece as spm
 from filelock import FileLock
 
 from data_pipeline.config import HF_TOKENIZER_PREFIX, DataConfig, expand_files
+from data_pipeline.special_tokens import BOS_ID, CLS, EOS_ID, MASK, NEWLINE, PAD_ID, SEP, UNK_ID, USER_SYMBOLS
 from common.errors import ProjectError
 
 log = logging.getLogger(__name__)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NEWLINE = "\n"
-CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
-USER_SYMBOLS = [NEWLINE, CLS, SEP, MASK]  # ids 4, 5, 6, 7
 _CACHE_VERSION = 1  # bump when training options change, so old cached models are not reused
 
 
@@ -114,9 +111,14 @@ class HFTokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
             -1 if i is None else int(i)
             for i in (self.hf.pad_token_id, self.hf.unk_token_id, self.hf.bos_token_id, self.hf.eos_token_id))
+        self.newline_id = None
+        # BERT's tokens for masked-LM examples (None where the tokenizer has none, e.g. OPT's GPT-2 BPE)
+        self.cls_id, self.sep_id, self.mask_id = (
+            None if i is None else int(i) for i in (self.hf.cls_token_id, self.hf.sep_token_id, self.hf.mask_token_id))
+        if self.eos_id < 0 and self.sep_id is not None:
+            self.eos_id = self.sep_id  # a WordPiece BERT vocabulary has no EOS: [SEP] separates packed documents
         if self.eos_id < 0:
             raise ProjectError(f"tokenizer has no EOS token: {self.path}")
-        self.newline_id = self.cls_id = self.sep_id = self.mask_id = None
         digest = hashlib.sha256()
         for file in sorted(p for p in self.path.iterdir() if p.is_file()):
             digest.update(file.name.encode() + file.read_bytes())
@@ -228,6 +230,10 @@ def load_or_train_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
     cfg.validate()
     if cfg.tokenizer is not None:
         return open_tokenizer(cfg.tokenizer)
+    from data_pipeline.prepared import is_indexed  # no heavy imports at module level there
+
+    if is_indexed(cfg):  # prepared data is read with the tokenizer it was written with
+        return prepared_tokenizer(cfg)
     if cfg.tokenizer_type == "char":  # a fixed vocabulary: nothing to train or cache
         from data_pipeline.char_tokenizer import CharTokenizer
 
@@ -269,3 +275,25 @@ def train_from_config(cfg: DataConfig, out: str | os.PathLike) -> tuple[Path, in
     path = train_tokenizer(sample(), out, cfg.vocab_size, cfg.tokenizer_type)
     log.info("tokenizer for %s trained in %.1f s", name, time.perf_counter() - start)
     return path, used[0], name
+
+
+def open_tokenizer_spec(spec: str) -> Tokenizer | HFTokenizer:
+    """A tokenizer by the spec data_pipeline.prepare records: "char", a SentencePiece path or "hf:<dir>"."""
+    if spec == "char":
+        from data_pipeline.char_tokenizer import CharTokenizer
+
+        return CharTokenizer()  # type: ignore[return-value]  (Tokenizer's interface)
+    return open_tokenizer(spec)
+
+
+def prepared_tokenizer(cfg: DataConfig) -> Tokenizer | HFTokenizer:
+    """The tokenizer the prepared data was written with (data.tokenizer unset)."""
+    from data_pipeline.prepared import parts_of
+
+    parts = parts_of(cfg)
+    fingerprints = {part.fingerprint for part, _ in parts}
+    if len(fingerprints) > 1:
+        raise ProjectError(f"the prepared sources of data.sources were tokenized with different tokenizers "
+                           f"({', '.join(sorted(fingerprints))}): prepare them with one config")
+    spec = parts[0][0].tokenizer_path()
+    return open_tokenizer_spec(spec or "char")

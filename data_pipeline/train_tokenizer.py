@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import types
@@ -14,12 +13,17 @@ from pathlib import Path
 from data_pipeline.config import SOURCES, TOKENIZER_TYPES, DataConfig
 from data_pipeline.tokenizer import Tokenizer, train_from_config
 from data_pipeline.tokenizer import train_tokenizer as _train_tokenizer
-from data_pipeline.writable import check_writable_dir, writable_dir_problem
+from data_pipeline.writable import check_writable_dir, name_problem, writable_dir_problem
+from common.cli import ArgumentParser, positive_int, run_command
 from common.errors import ProjectError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return run_command("data_pipeline.train_tokenizer", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(
         prog="python -m data_pipeline.train_tokenizer",
         description="Train a SentencePiece tokenizer (byte fallback, pad/unk/bos/eos = 0/1/2/3).")
     parser.add_argument("--source", default="wiki_sample", choices=SOURCES)
@@ -37,17 +41,21 @@ def main(argv: list[str] | None = None) -> int:
                      vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type,
                      tokenizer_sample_docs=args.sample_docs, cache_dir=args.cache_dir)
     start = time.perf_counter()
-    try:
-        cfg.validate()
-        problem = writable_dir_problem(Path(args.out).absolute().parent)
-        if problem is not None:
-            raise ProjectError(f"--out {args.out} cannot be written: {problem}")
-        check_writable_dir(cfg.cache_dir, "--cache-dir")
-        path, documents, name = train_from_config(cfg, args.out)
-        tokenizer = Tokenizer(path)
-    except ProjectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for flag, value in (("--vocab-size", args.vocab_size), ("--sample-docs", args.sample_docs)):
+        positive_int(flag, value, allow_none=False)
+    cfg.validate()
+    out = Path(args.out).absolute()
+    prefix = out.with_suffix("") if out.suffix == ".model" else out
+    # SentencePiece writes .<name>.tmp-<pid>-<8 hex>.model first (data_pipeline.tokenizer.train_tokenizer)
+    longest = prefix.with_name(f".{prefix.name}.tmp-{'0' * 7}-{'0' * 8}.model")
+    problem = writable_dir_problem(out.parent) or name_problem(out.parent, longest)
+    if problem is None and any(Path(f"{prefix}{suffix}").is_dir() for suffix in (".model", ".vocab")):
+        problem = f"{prefix}.model or {prefix}.vocab is a folder"
+    if problem is not None:
+        raise ProjectError(f"--out {args.out} cannot be written: {problem}")
+    check_writable_dir(cfg.cache_dir, "--cache-dir")
+    path, documents, name = train_from_config(cfg, args.out)
+    tokenizer = Tokenizer(path)
     print(f"wrote {path}: {tokenizer.vocab_size} pieces ({cfg.tokenizer_type}) from {documents} documents "
           f"of {name} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +19,10 @@ import yaml
 from data_pipeline.config import DataConfig
 from model.config import AttentionConfig, ModelConfig
 from model.family import family_of, spec_for
+from common.coerce import coerce as _coerce
 from common.errors import ConfigError, ProjectError
 from common.plugins import is_import_path
+from model.recompute import RECOMPUTE_MODES, recompute_mode
 from parallel.layout import PARTITION_METHODS
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -39,9 +39,15 @@ class ParallelConfig:
     # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); pipelines allow 0 or 1.
     zero_stage: int = 0
     partition_method: str = "layers"  # how layers are split over pipeline stages (see parallel/layout.py)
-    activation_checkpointing: bool = False  # recompute each pipeline layer's activations in backward
+    # Recompute in backward (Megatron's names; every layout): none; full = every block from its input; selective =
+    # attention's core only. true / false (the old boolean) mean full / none.
+    activation_checkpointing: str | bool = "none"
 
     def validate(self) -> None:
+        self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
+        if self.activation_checkpointing not in RECOMPUTE_MODES:
+            raise ConfigError("parallel.activation_checkpointing", self.activation_checkpointing,
+                              f"must be one of {', '.join(RECOMPUTE_MODES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         for key in ("tensor", "pipeline"):
@@ -80,6 +86,8 @@ class TrainConfig:
     # Start from these weights (fresh optimizer and data stream): a weights-only checkpoint (launcher.import_hf,
     # launcher.consolidate) or a training checkpoint. Ignored when resuming. Checked in launcher.pretrain.prepare.
     init_from: str | None = None
+    # torch.compile the model's blocks (model/compile.py; Inductor, CPU and CUDA); evaluation runs eagerly
+    compile: bool = False
     # A step whose loss or gradient is inf/NaN is never applied; then `stop` the run (exit code 1, the last
     # checkpoint stays `latest`) or `skip` that update and go on, at most max_nonfinite_skips steps in a row.
     nonfinite: str = "stop"
@@ -220,67 +228,20 @@ class RunConfig:
         if self.eval.lm_eval_tasks and not spec.causal_lm:
             raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
                               f"needs a causal LM (model.family=opt), not {self.model.family}")
+        mode = self.parallel.activation_checkpointing
+        if (mode == "full" or self.train.compile) and not spec.block_types:
+            key, value = ("train.compile", True) if self.train.compile else ("parallel.activation_checkpointing", mode)
+            raise ConfigError(key, value, f"model.family={self.model.family} names no blocks to "
+                              f"{'compile' if self.train.compile else 'recompute'} (FamilySpec.block_types)")
+        if mode != "none" and mode not in spec.recompute_modes:
+            raise ConfigError("parallel.activation_checkpointing", mode, f"model.family={self.model.family} "
+                              f"recomputes {' or '.join(m for m in spec.recompute_modes if m != 'none') or 'nothing'}")
         spec.validate_run(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["attention"] = out["model"].pop("attention")
         return {key: out[key] for key in ("model", "attention", "data", "parallel", "train", "logging", "eval")}
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check/convert a YAML value against a dataclass field type (int, float, bool, str, Optional, list)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        last_error: ConfigError | None = None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                last_error = error
-        assert last_error is not None
-        raise last_error
-    if origin is list:
-        if isinstance(value, str):  # a single path given on the command line
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(key, value, "must be a list")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, key) for item in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, value, "must be true or false")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(key, value, "must be an integer")
-    if annotation is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(key, value, "must be a number")
-        if not math.isfinite(number):  # no setting means anything at inf/NaN; they only fail later, elsewhere
-            raise ConfigError(key, value, "must be a finite number")
-        return number
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, value, "must be a string")
-    return value
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, classes: dict[str, type] | None = None) -> Any:

@@ -8,34 +8,34 @@ writes model.safetensors + config.yaml, which `train.init_from` loads into any o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from checkpoint.consolidate import consolidate
 from checkpoint.store import resolve_checkpoint
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from launcher.config import load_config
 from launcher.hf_checkpoint import save_weights_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Merge a TP/PP/DP training checkpoint into one weights-only checkpoint")
+    return run_command("launcher.consolidate", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description="Merge a TP/PP/DP training checkpoint into one weights-only checkpoint")
     parser.add_argument("--checkpoint", required=True, help="checkpoints dir (follows `latest`) or a step_N dir")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors + config.yaml)")
     args = parser.parse_args(argv)
-    try:
-        path = Path(args.checkpoint)
-        load_dir, tag = resolve_checkpoint(path, world_size=1)  # consolidate() checks every rank's files
-        state = consolidate(load_dir / tag)
-        cfg = load_config(load_dir.parent / "config.yaml")
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise ProjectError(f"output folder is not empty: {out}")
-        save_weights_checkpoint(out, cfg, state, {"consolidated_from": str(load_dir / tag)})
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    path = Path(args.checkpoint)
+    load_dir, tag = resolve_checkpoint(path, world_size=1)  # consolidate() checks every rank's files
+    state = consolidate(load_dir / tag)
+    cfg = load_config(load_dir.parent / "config.yaml")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ProjectError(f"output folder is not empty: {out}")
+    save_weights_checkpoint(out, cfg, state, {"consolidated_from": str(load_dir / tag)})
     print(f"consolidated {load_dir / tag} ({len(state)} tensors) -> {out}")
     return 0
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from common.distributed import barrier  # noqa: F401  (launcher modules import it from here)
-from common.errors import ProjectError
+from common.errors import ConfigError, ProjectError
 
 if TYPE_CHECKING:  # torch is imported where it is used: launcher.slurm runs in the batch step, before any rank
     import torch
@@ -152,3 +152,24 @@ def close_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_device(flag: str, name: str) -> torch.device:
+    """The device `name` (cpu, cuda, cuda:1, mps) names, if this machine has it; ConfigError naming `flag` if not."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(flag, name, "is not a device name (cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(flag, name, "this machine has no CUDA device (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(flag, name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(flag, name, "this machine has no MPS device (use cpu)")
+    elif device.type != "cpu":
+        raise ConfigError(flag, name, "must be cpu, cuda or cuda:N")
+    return device

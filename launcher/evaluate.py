@@ -5,8 +5,9 @@ perplexity over the positions the fixed evaluation masks of data.mlm_eval_seed s
 
     python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
 
---checkpoint takes a step directory, a checkpoints directory (follows `latest`), a run directory or a
-weights-only checkpoint (launcher.import_hf, launcher.consolidate); every layout is read through
+--checkpoint takes a step directory, a checkpoints directory (follows `latest`), a run directory, a
+weights-only checkpoint (launcher.import_hf, launcher.consolidate) or a published model's Hugging Face / timm
+folder (imported on the fly by launcher.import_hf with the family's recipe, or --recipe); every layout is read through
 launcher.hf_checkpoint. The model is rebuilt from the run's config.yaml and evaluated exactly as during
 training (outliers/report.py, same validation and calibration blocks), so when the step directory holds the
 in-training result (outliers.json) the numbers are compared and must be identical.
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ import torch
 
 from launcher.config import RunConfig, load_config
 from launcher.hf_checkpoint import check_shapes, expected_shapes, locate, read_weights
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from model.family import family_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="step directory, checkpoints directory, run directory or weights-only checkpoint")
     parser.add_argument("--quant", choices=("none", "w8a8"), default="none",
@@ -42,8 +44,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("validation", "test"), default="validation",
                         help="which split to evaluate; test: families with a test split (e.g. stanhop), keys "
                              "test_<metric> / w8a8_test_<metric>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--recipe", default=None,
+                        help="for a Hugging Face / timm folder: the data/eval recipe of its import (launcher.import_hf "
+                             "--config; default: the family's)")
     return parser.parse_args(argv)
+
+
+def is_published_folder(path: Path) -> bool:
+    """A Hugging Face / timm model folder (config.json) rather than one of this project's checkpoints."""
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def import_published(folder: Path, out: Path, recipe: str | None) -> Path:
+    """launcher.import_hf of `folder` into `out` (its notes, e.g. a new MLM head, printed), for evaluation."""
+    from launcher.import_hf import import_model, parse_args as import_args
+
+    args = import_args(["--model", str(folder), "--out", str(out), "--force"] + (["--config", recipe] if recipe else []))
+    _, _, notes = import_model(args)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return out
 
 
 def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tuple[str, ...] = (),
@@ -83,14 +105,19 @@ def evaluate_checkpoint(checkpoint: Path, quant: bool, overrides: list[str] | tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_command("launcher.evaluate", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        result = evaluate_checkpoint(Path(args.checkpoint), args.quant == "w8a8", args.overrides, args.device,
-                                     args.split)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from launcher.distributed import check_device
+
+    check_device("--device", args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint)
+        if is_published_folder(checkpoint):
+            checkpoint = import_published(checkpoint, Path(tmp) / checkpoint.name, args.recipe)
+        result = evaluate_checkpoint(checkpoint, args.quant == "w8a8", args.overrides, args.device, args.split)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -33,6 +33,7 @@ import torch
 
 from launcher.config import RunConfig
 from launcher.hf_checkpoint import hf_adapter, load_full_state_dict, locate
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from model import variants
 from model.hf_adapter import HFAdapter
@@ -42,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir, its checkpoints/ dir (follows 'latest'), a step_N dir, or an import_hf folder")
     parser.add_argument("--out", required=True, help="output folder for the Hugging Face model")
@@ -76,15 +77,9 @@ def remote_files(adapter: HFAdapter) -> list[Path]:
 
 
 def _attention_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The extra config.json keys both remote modeling files read (see DEFAULTS there)."""
-    a = cfg.attention
-    if not variants.get(a.variant).exportable:
-        raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export: the exported attention file "
-                           f"({SHARED_ATTENTION_FILE}) computes {', '.join(v for v in variants.names() if variants.get(v).exportable)}")
-    clip = a.variant_params(cfg.data.seq_length)  # alpha resolved against the training block length
-    return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
-                attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
-                gate_init_prob=a.gate_init_prob, train_seq_length=cfg.data.seq_length)
+    """The extra config.json keys the remote modeling files read (model.variants.export_settings: from the
+    export file's own table, alpha resolved against the training block length)."""
+    return variants.export_settings(cfg.attention, cfg.data.seq_length)
 
 
 def hf_config(cfg: RunConfig, special_ids: dict[str, int | None]) -> Any:
@@ -168,13 +163,13 @@ def export(checkpoint: str | Path, out: str | Path, tokenizer: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.export_hf", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.tokenizer, args.dtype, args.force)
-        _, weights = locate(args.checkpoint)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint, args.out, args.tokenizer, args.dtype, args.force)
+    _, weights = locate(args.checkpoint)
     auto_class = next(iter(json.loads((out / "config.json").read_text()).get("auto_map", {"AutoModel": ""})))
     tokenizer = f"; AutoTokenizer.from_pretrained({str(out)!r})" if (out / "tokenizer_config.json").is_file() else ""
     print(f"exported {weights} -> {out}\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from common.cli import ArgumentParser, run_command
 from common.errors import ConfigError, ProjectError
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -45,7 +47,7 @@ SEED = 1234
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir, its checkpoints/ dir (latest), a step_N dir, or a weights-only folder")
     parser.add_argument("--tasks", required=True,
@@ -198,9 +200,21 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
         raise ConfigError("--limit", limit, "must be a positive integer")
     if docs <= 0:
         raise ConfigError("--docs", docs, "must be a positive integer")
+    if batch_size <= 0:
+        raise ConfigError("--batch-size", batch_size, "must be a positive integer")
     if include_path is not None and not Path(include_path).is_dir():
         raise ProjectError(f"--include-path folder not found: {include_path}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if out is not None:  # found before the evaluation, not after it
+        from data_pipeline.writable import writable_dir_problem
+
+        if Path(out).is_dir():
+            raise ConfigError("--out", str(out), "is a folder; name the result file (e.g. lm_eval.json)")
+        problem = writable_dir_problem(Path(out).absolute().parent)
+        if problem is not None:
+            raise ConfigError("--out", str(out), f"cannot be written: {problem}")
+    from launcher.distributed import check_device
+
+    device = str(check_device("--device", device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     _, folder = locate(checkpoint)
     manager = task_manager(tasks, include_path)
     cfg, state = load_full_state_dict(checkpoint)
@@ -227,23 +241,45 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
         result["comparison"] = compare(scores[PPL_TASK], texts, load_or_train_tokenizer(cfg.data),
                                        own_perplexity(cfg, state, device))
     path = Path(out) if out else folder / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)  # checked writable above
     path.write_text(json.dumps(result, indent=2) + "\n")
     result["result_file"] = str(path)
     return result
 
 
-def task_manager(tasks: list[str], include_path: str | None) -> Any:
-    """lm-eval's task index (plus --include-path); ConfigError naming any task it does not know."""
+def task_manager(tasks: list[str], include_path: str | None, key: str = "--tasks") -> Any:
+    """lm-eval's task index (plus --include-path); ConfigError naming `key` and any task it does not know."""
+    manager = _new_task_manager(include_path)
+    check_task_names(tasks, key, manager.all_tasks)
+    return manager
+
+
+_MANAGERS: dict[str | None, Any] = {}  # lm-eval's task index per include path: built once per process (seconds)
+
+
+def _new_task_manager(include_path: str | None) -> Any:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if t not in PROJECT_TASKS and t not in manager.all_tasks]
+    if include_path not in _MANAGERS:  # the index only reads task YAMLs; evaluations do not change it
+        _MANAGERS[include_path] = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return _MANAGERS[include_path]
+
+
+def check_task_names(tasks: list[str], key: str, known: Any = None) -> None:
+    """ConfigError naming `key` and every task neither a project task nor in lm-eval's index. The index (seconds
+    to build) is read only when a name is not a project task, and once per process."""
+    if all(t in PROJECT_TASKS for t in tasks):
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ProjectError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13")
+        return
+    if known is None:
+        known = _new_task_manager(None).all_tasks
+    unknown = [t for t in tasks if t not in PROJECT_TASKS and t not in known]
     if unknown:
-        raise ConfigError("--tasks", ",".join(unknown), f"unknown lm-eval task (project tasks: {', '.join(PROJECT_TASKS)})")
-    return manager
+        raise ConfigError(key, ",".join(unknown), f"unknown lm-eval task (project tasks: {', '.join(PROJECT_TASKS)})")
 
 
 def _evaluate(hf_dir: Path, tasks: list[Any], max_length: int, limit: int | None, batch_size: int, device: str,
@@ -305,14 +341,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.lm_eval", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        result = run_lm_eval(args.checkpoint, [t.strip() for t in args.tasks.split(",")], limit=args.limit,
-                             docs=args.docs, batch_size=args.batch_size, device=args.device,
-                             include_path=args.include_path, out=args.out)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    result = run_lm_eval(args.checkpoint, [t.strip() for t in args.tasks.split(",")], limit=args.limit,
+                         docs=args.docs, batch_size=args.batch_size, device=args.device,
+                         include_path=args.include_path, out=args.out)
     print("\n".join(summary_lines(result)))
     return 0
 

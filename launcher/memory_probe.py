@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from model.family import build_model, family_of
+from model.recompute import apply_activation_checkpointing
 
 
 class LiveTensorMemory(TorchDispatchMode):
@@ -47,11 +48,13 @@ class LiveTensorMemory(TorchDispatchMode):
 
 def measure_activation_peak(cfg: Any, seed: int = 0) -> int:
     """Peak bytes of one training forward+backward of `cfg` (a RunConfig) at train.micro_batch_size x
-    data.seq_length on CPU in fp32: random tokens; MLM labels select data.mlm_probability of the positions."""
+    data.seq_length on CPU in fp32 with parallel.activation_checkpointing: random tokens; MLM labels select
+    data.mlm_probability of the positions."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_model(cfg.model, seq_length=cfg.data.seq_length)
     model.train()
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, family_of(cfg.model))
     for param in model.parameters():
         param.grad = torch.zeros_like(param)  # so gradients of weights are not counted as activations
     batch = family_of(cfg.model).synthetic_batch(cfg, generator)

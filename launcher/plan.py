@@ -17,12 +17,14 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from launcher.planner import GIB, GPUS, LayoutChoice, Plan, device_named, layout_of, plan_layout, suggest
-from common.errors import ConfigError, ProjectError
+from launcher.planner import (GIB, GPUS, LayoutChoice, Plan, data_line, default_network, device_named, layout_of,
+                              plan_layout, suggest)
+from common.cli import ArgumentParser, finite_number, positive_int, run_command
+from common.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_125m.yaml")
     parser.add_argument("--gpus", type=int, default=None,
                         help="ranks to plan for (default: the smallest count the configured layout needs)")
@@ -30,7 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-gib", type=float, default=None, help="override the device memory (GiB)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="override the device's peak (default: logging.peak_tflops, else the datasheet value)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="assumed model FLOPs utilisation of the compute alone (default 0.4); communication and "
+                             "the pipeline bubble are added to the step time")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs per node: groups spanning more use InfiniBand, the rest NVLink/PCIe (default 8)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set parallel.zero_stage=2 (repeatable)")
     parser.add_argument("--measure", action="store_true",
@@ -54,9 +60,13 @@ def describe(plan: Plan) -> list[str]:
     share = plan.total / (dev.memory_gib * GIB) if dev.memory_gib else float("nan")
     lines.append(f"  {'total':<12}{_gib(plan.total)} of {dev.memory_gib:.0f} GiB {dev.name} ({share:.0%}): "
                  f"{'fits' if plan.fits else 'does NOT fit'}")
-    step = (f"{plan.step_time_s:.3f} s at MFU {plan.mfu:.0%} of {dev.peak_tflops:.0f} TFLOP/s"
-            if plan.step_time_s is not None else "n/a (no peak FLOP/s for this device)")
+    step = (f"{plan.step_time_s:.3f} s (compute at MFU {plan.mfu:.0%} of {dev.peak_tflops:.0f} TFLOP/s, "
+            f"communication and bubble added)" if plan.step_time_s is not None
+            else "n/a (no peak FLOP/s for this device)")
     lines.append(f"FLOPs per step: {plan.flops_per_step:.3e} (model FLOPs); expected step time {step}")
+    if plan.time and plan.network is not None:
+        lines.append("  " + ", ".join(f"{name} {value:.3f} s" for name, value in plan.time.items()))
+        lines.append(f"  links: {plan.network.describe()}")
     return lines
 
 
@@ -64,7 +74,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
     return {"layout": vars(plan.layout), "precision": plan.precision, "stage": plan.stage,
             "params_per_rank": plan.params, "total_params": plan.total_params,
             "bytes": plan.bytes, "total_bytes": plan.total, "device": vars(plan.device), "fits": plan.fits,
-            "flops_per_step": plan.flops_per_step, "step_time_s": plan.step_time_s, "mfu": plan.mfu}
+            "flops_per_step": plan.flops_per_step, "step_time_s": plan.step_time_s, "step_time_terms_s": plan.time,
+            "mfu": plan.mfu}
 
 
 def configured_layout(cfg: Any, gpus: int) -> tuple[LayoutChoice, str | None]:
@@ -100,33 +111,38 @@ def measured_line(cfg: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.plan", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed (its ZeRO estimators) would warn about it on stdout, in --json too
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        from launcher.config import load_config
+    # Every check before any output; common/cli.py prints the one error line.
+    from launcher.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        if args.gpus is not None and args.gpus < 1:
-            raise ConfigError("--gpus", args.gpus, "must be a positive integer")
-        if not 0 < args.mfu <= 1:
-            raise ConfigError("--mfu", args.mfu, "must lie in (0, 1]")
-        try:
-            device = device_named(args.gpu, args.memory_gib, args.peak_tflops or cfg.logging.peak_tflops)
-        except KeyError:
-            raise ConfigError("--gpu", args.gpu, f"unknown device (one of {', '.join(GPUS)}, cpu)") from None
-        minimum = cfg.parallel.tensor * cfg.parallel.pipeline
-        gpus = args.gpus or minimum
-        layout, note = configured_layout(cfg, gpus)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    plan = plan_layout(cfg, layout, device, args.mfu)
-    options = suggest(cfg, gpus, device, args.mfu)
+    cfg = load_config(args.config, args.overrides)
+    positive_int("--gpus", args.gpus)
+    positive_int("--gpus-per-node", args.gpus_per_node, allow_none=False)
+    finite_number("--mfu", args.mfu, low=0, high=1, low_open=True)
+    finite_number("--memory-gib", args.memory_gib, low=0, low_open=True)
+    finite_number("--peak-tflops", args.peak_tflops, low=0, low_open=True)
+    try:
+        device = device_named(args.gpu, args.memory_gib, args.peak_tflops or cfg.logging.peak_tflops)
+    except KeyError:
+        raise ConfigError("--gpu", args.gpu, f"unknown device (one of {', '.join(GPUS)}, cpu)") from None
+    minimum = cfg.parallel.tensor * cfg.parallel.pipeline
+    gpus = args.gpus or minimum
+    layout, note = configured_layout(cfg, gpus)
+    network = default_network(device, args.gpus_per_node)
+    plan = plan_layout(cfg, layout, device, args.mfu, network)
+    options = suggest(cfg, gpus, device, args.mfu, network=network)
+    data = data_line(cfg, plan)
     if args.json:
-        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options]}, indent=2))
+        print(json.dumps({"plan": to_json(plan), "suggestions": [to_json(p) for p in options], "data": data},
+                         indent=2))
         return 0
     print(f"== {args.config} on {gpus} x {device.name} ==")
     if note:
@@ -141,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {option.layout.describe():<58} {option.total / GIB:7.2f} GiB  {t}")
     if args.measure:
         print(measured_line(cfg))
+    if data:
+        print(data)
     print(plan.one_line())
     return 0
 

@@ -3,6 +3,9 @@ for a layout (TP, PP, DP, ZeRO stage, precision, micro batch, activation checkpo
 the expected step time at an assumed MFU, and the layouts that fit a number of GPUs.
 
 Formulas (docs/planner.md states them with their sources):
+  - step time: compute at an assumed MFU (plus what recomputation adds), tensor-parallel all-reduces, pipeline
+    sends and the 1F1B bubble on the critical path, the data-parallel gradient reduction / ZeRO-3 gathers
+    (launcher/comm_model.py costs the collectives on the layout's links);
   - parameters per rank: counted from the model shape the way model/opt.py, model/bert.py and the megatron-core
     layers split them (column/row/vocab-parallel weights / TP, LayerNorms, row biases, positions replicated);
     the busiest pipeline stage holds ceil(L / PP) layers plus the embeddings (and the tied head copy);
@@ -17,9 +20,11 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from launcher.comm_model import Network, all_gather_s, all_reduce_s, network_for, p2p_s
 from launcher.throughput import PEAK_TFLOPS, flops_per_token
 from model import variants
 from model.config import ModelConfig
+from model.recompute import RECOMPUTE_MODES, recompute_mode
 from common.errors import ConfigError
 from model.family import family_of
 
@@ -56,10 +61,14 @@ class LayoutChoice:
     data: int = 1
     zero_stage: int = 0
     micro_batch_size: int = 1
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # RECOMPUTE_MODES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
 
     def describe(self) -> str:
-        ac = ", recompute" if self.activation_checkpointing and self.pipeline > 1 else ""
+        mode = self.activation_checkpointing
+        ac = f", {mode} recompute" if mode != "none" else ""
         return (f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, ZeRO-{self.zero_stage}, "
                 f"micro-batch {self.micro_batch_size}{ac}")
 
@@ -77,6 +86,8 @@ class Plan:
     flops_per_step: float = 0.0
     step_time_s: float | None = None
     mfu: float = 0.4
+    time: dict[str, float] = field(default_factory=dict)  # the step time's terms (step_time_terms)
+    network: Network | None = None
 
     @property
     def total(self) -> float:
@@ -197,7 +208,7 @@ def materializes_scores(m: ModelConfig, device_kind: str) -> bool:
 
 
 def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: int,
-                              device_kind: str) -> tuple[float, float]:
+                              device_kind: str, selective: bool = False) -> tuple[float, float]:
     """(activation elements, dropout-mask elements) one layer keeps for backward for one micro-batch.
 
     x = seq * micro_batch tokens, h hidden, f FFN, a heads, t TP:
@@ -206,13 +217,14 @@ def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: in
       BERT (post-LN): 4xh (layer input, attention LN in/out, output LN in) + 5xh/t + 2xf/t (GELU in and out)
       + xh/t when gated (the ungated context the gate multiplies), + 3 a T^2 b / t when the backend materialises
       the scores (logits, masked logits, probabilities), dropout masks 2xh per layer (+ a T^2 b / t eager
-      attention dropout)."""
+      attention dropout). Selective recompute keeps none of attention's core: neither its output (xh/t) nor the
+      scores and their dropout mask."""
     x, h, f, heads = seq * micro_batch, m.hidden_size, m.ffn_hidden_size, m.num_heads
     ffn_terms = family_of(m).ffn_activation_terms
-    elements = 4 * x * h + 5 * x * h / tp + ffn_terms * x * f / tp
+    elements = 4 * x * h + (4 if selective else 5) * x * h / tp + ffn_terms * x * f / tp
     if m.attention.gated:
         elements += x * h / tp
-    eager = materializes_scores(m, device_kind)
+    eager = materializes_scores(m, device_kind) and not selective
     if eager:
         elements += 3 * heads * seq * seq * micro_batch / tp
     masks = 2 * x * h if m.dropout > 0 else 0.0
@@ -237,17 +249,21 @@ def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, a
 
 
 def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pipeline: int, stage: int,
-                     in_flight: int, checkpointing: bool, act_bytes: int, device_kind: str,
+                     in_flight: int, checkpointing: str | bool, act_bytes: int, device_kind: str,
                      mlm_probability: float = 0.15) -> float:
-    """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B)."""
+    """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B), with
+    `checkpointing` one of RECOMPUTE_MODES."""
+    mode = recompute_mode(checkpointing)
     layers = stage_layers(m.num_layers, pipeline)[stage]
-    elements, masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind)
+    elements, masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind, selective=mode == "selective")
     mask_bytes = 1 if device_kind == "cuda" else act_bytes  # bool masks on CUDA, float noise on CPU
     per_layer = elements * act_bytes + masks * mask_bytes
-    if checkpointing and pipeline > 1:  # each layer keeps its input; one layer is recomputed at a time
-        kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + per_layer
-    else:
-        kept = layers * in_flight * per_layer
+    full_elements, full_masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind)
+    full_layer = full_elements * act_bytes + full_masks * mask_bytes
+    if mode == "full":  # each layer keeps its input; one layer is recomputed at a time
+        kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + full_layer
+    else:  # selective: one layer's attention core is recomputed at a time
+        kept = layers * in_flight * per_layer + (full_layer - per_layer)
     if stage == 0 and family_of(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
         kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
     if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
@@ -265,8 +281,77 @@ def resolve_precision(precision: str, device_kind: str) -> str:
     return precision
 
 
-def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4) -> Plan:
-    """The plan of `cfg` (a RunConfig) in `layout` on `device`: the busiest rank's bytes and the step time."""
+def recompute_flops_per_token(m: ModelConfig, seq: int, mode: str, model_flops_per_token: float) -> float:
+    """Hardware FLOPs per token that recomputation adds: full repeats the forward (a third of the 6N + 12Lhs
+    model FLOPs), selective repeats attention's core forward (QK^T and PV: 4 h s per layer)."""
+    if mode == "full":
+        return model_flops_per_token / 3
+    if mode == "selective":
+        return 4 * m.num_layers * m.hidden_size * seq
+    return 0.0
+
+
+def step_time_terms(cfg: Any, layout: LayoutChoice, device: Device, network: Network, mfu: float,
+                    params: int) -> dict[str, float]:
+    """The step time's terms in seconds (their sum is the step time); `params` are the busiest rank's.
+
+    Critical path: (accumulation + p - 1) 1F1B slots, each a micro-batch's forward and backward on the busiest
+    stage: its compute at `mfu` of the peak, its tensor-parallel all-reduces (2 in the forward, 2 in the backward
+    per layer, +2 with full recompute; the vocab-parallel embedding's and cross entropy's; synchronous, as in
+    Megatron, so never overlapped) and, with pipelines, one activation send and one gradient send. The data-
+    parallel reduction follows the last backward: ZeRO-0/1 all-reduce the gradients once per step and ZeRO-2
+    reduce-scatters them every micro-batch then all-gathers the updated weights (DeepSpeed's overlap_comm is
+    off by default for both: fully exposed); ZeRO-3 gathers the weights twice (forward, backward) and
+    reduce-scatters the gradients every micro-batch, prefetched and overlapped with compute (on by default):
+    only what exceeds the compute is exposed, and at least the first layer's gather."""
+    m, seq = cfg.model, cfg.data.seq_length
+    t, p, d = layout.tensor, layout.pipeline, layout.data
+    world = t * p * d
+    accumulation = max(1, cfg.train.global_batch_size // (layout.micro_batch_size * d))
+    precision = resolve_precision(cfg.train.precision, device.kind)
+    b = 4 if precision == "fp32" else 2
+    model_fpt = flops_per_token(m, seq, cfg.data.mlm_probability)
+    tokens = cfg.train.global_batch_size * seq
+    hardware = (model_fpt + recompute_flops_per_token(m, seq, layout.activation_checkpointing, model_fpt)) * tokens
+    assert device.peak_tflops
+    compute = hardware / (world * device.peak_tflops * 1e12 * mfu)
+    x = layout.micro_batch_size * seq
+    activation = x * m.hidden_size * b
+    tp_per_micro = 0.0
+    if t > 1:
+        link = network.link(t)
+        per_layer = 4 + (2 if layout.activation_checkpointing == "full" else 0)
+        layers = max(stage_layers(m.num_layers, p))
+        tp_per_micro = ((layers * per_layer + 1) * all_reduce_s(activation, t, link)
+                        + 3 * all_reduce_s(4 * x, t, link))  # embedding; cross entropy's max, sum, target logit
+    p2p_per_micro = 2 * p2p_s(activation, network.link(t * d * p)) if p > 1 else 0.0
+    slot = compute / accumulation + tp_per_micro + p2p_per_micro
+    terms = {"compute": compute, "tensor_parallel": accumulation * tp_per_micro,
+             "pipeline_p2p": accumulation * p2p_per_micro, "bubble": (p - 1) * slot}
+    grads = params * b  # DeepSpeed reduces gradients in the weights' dtype
+    dp = 0.0
+    if d > 1:
+        link = network.link(t * d)
+        if layout.zero_stage <= 1:
+            dp = all_reduce_s(grads, d, link)
+        elif layout.zero_stage == 2:
+            dp = accumulation * all_gather_s(grads, d, link) + all_gather_s(grads, d, link)
+        else:
+            gathers = accumulation * (3 * all_gather_s(grads, d, link))
+            dp = max(gathers - compute, gathers / (accumulation * max(1, m.num_layers)))
+    terms["data_parallel"] = dp
+    return terms
+
+
+def default_network(device: Device, gpus_per_node: int = 8) -> Network:
+    key = next((k for k, d in GPUS.items() if d.name == device.name), device.name)
+    return network_for(key, gpus_per_node)
+
+
+def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4,
+                network: Network | None = None) -> Plan:
+    """The plan of `cfg` (a RunConfig) in `layout` on `device`: the busiest rank's bytes and the step time
+    (with `network`'s links; default: the device's, launcher/comm_model.py)."""
     if not family_of(cfg.model).plannable:
         raise ConfigError("model.family", cfg.model.family, "has no memory model in launcher.plan (the planner "
                           "models the text transformers: opt, bert)")
@@ -290,12 +375,12 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None
-    world = layout.tensor * layout.pipeline * layout.data
     best.flops_per_step = flops_per_token(m, seq, cfg.data.mlm_probability) * cfg.train.global_batch_size * seq
     if device.peak_tflops:
-        # MFU counts model FLOPs; a pipeline idles (p - 1) of (accumulation + p - 1) slots (the 1F1B bubble).
-        bubble = 1 + (layout.pipeline - 1) / accumulation
-        best.step_time_s = best.flops_per_step / (world * device.peak_tflops * 1e12 * mfu) * bubble
+        best.network = network or default_network(device)
+        busiest = max(stage_params(m, layout.tensor, layout.pipeline, s) for s in range(layout.pipeline))
+        best.time = step_time_terms(cfg, layout, device, best.network, mfu, busiest)
+        best.step_time_s = sum(best.time.values())
     return best
 
 
@@ -303,13 +388,13 @@ def layout_of(cfg: Any, world_size: int) -> LayoutChoice:
     """The configured layout for `world_size` ranks."""
     p = cfg.parallel
     return LayoutChoice(p.tensor, p.pipeline, max(1, world_size // (p.tensor * p.pipeline)), p.zero_stage,
-                        cfg.train.micro_batch_size, p.activation_checkpointing)
+                        cfg.train.micro_batch_size, recompute_mode(p.activation_checkpointing))
 
 
 def candidate_layouts(cfg: Any, gpus: int) -> list[LayoutChoice]:
     """Layouts the project can run on `gpus` ranks: TP dividing heads/FFN/vocab (<= 8), PP <= layers, ZeRO 0-3
     (0-1 with pipelines), the configured micro-batch or smaller halvings that still divide the global batch,
-    activation checkpointing (pipelines only)."""
+    each recompute mode."""
     m, global_batch = cfg.model, cfg.train.global_batch_size
     out: list[LayoutChoice] = []
     for tp in TP_CHOICES:
@@ -327,24 +412,26 @@ def candidate_layouts(cfg: Any, gpus: int) -> list[LayoutChoice]:
                     micros.append(micro)
                 micro //= 2
             for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
-                for ac in ((False, True) if pp > 1 else (False,)):
+                for ac in RECOMPUTE_MODES:
                     out += [LayoutChoice(tp, pp, dp, zero, mb, ac) for mb in micros]
     return out
 
 
-def suggest(cfg: Any, gpus: int, device: Device, mfu: float = 0.4, limit: int = 8) -> list[Plan]:
-    """Layouts that fit, fastest first (pipeline bubble, recomputation), then least model parallelism, largest
-    micro-batch, lowest ZeRO stage (least communication); one entry per (TP, PP, ZeRO, checkpointing)."""
-    plans = [plan_layout(cfg, layout, device, mfu) for layout in candidate_layouts(cfg, gpus)]
+def suggest(cfg: Any, gpus: int, device: Device, mfu: float = 0.4, limit: int = 8,
+            network: Network | None = None) -> list[Plan]:
+    """Layouts that fit, fastest first (step_time_terms: compute with recomputation, communication, bubble),
+    then least model parallelism, largest micro-batch, lowest ZeRO stage, least recomputation; one entry per
+    (TP, PP, ZeRO, recompute mode)."""
+    plans = [plan_layout(cfg, layout, device, mfu, network) for layout in candidate_layouts(cfg, gpus)]
     fitting = [p for p in plans if p.fits]
 
     def key(p: Plan) -> tuple[Any, ...]:
         lay = p.layout
         time = round(p.step_time_s, 6) if p.step_time_s is not None else 0.0
-        return (time * (4 / 3 if lay.activation_checkpointing else 1.0), lay.tensor * lay.pipeline,
-                -lay.micro_batch_size, lay.zero_stage)
+        return (time, lay.tensor * lay.pipeline, -lay.micro_batch_size, lay.zero_stage,
+                RECOMPUTE_MODES.index(lay.activation_checkpointing))
 
-    seen: set[tuple[int, int, int, bool]] = set()
+    seen: set[tuple[int, int, int, str]] = set()
     chosen: list[Plan] = []
     for plan in sorted(fitting, key=key):
         lay = plan.layout
@@ -383,3 +470,34 @@ def run_plan_line(cfg: Any, world_size: int, device_type: str) -> str:
     else:
         device = device_named("cpu")
     return plan_layout(cfg, layout_of(cfg, world_size), device).one_line()
+
+
+# ------------------------------------------------------------------------------------------------ data
+# Tokens/s one core tokenizes and packs for the streamed sources (BlockStream, the bundled sample with an 8k
+# SentencePiece tokenizer, measured by benchmarks/data.py; issue 26 measured 976k/s). An estimate: run
+# `python -m benchmarks.data` for this machine and corpus. Prepared data (source: indexed) reads a sample in
+# tens of microseconds, orders of magnitude faster than any step consumes.
+STREAM_TOKENS_PER_CORE_S = 1.0e6
+
+
+def data_line(cfg: Any, plan: Plan) -> str | None:
+    """Whether the data pipeline keeps up with the planned step: tokens/s one data-parallel rank consumes against
+    what the configured data mode delivers to it (None without a step time, e.g. on CPU)."""
+    if plan.step_time_s is None:
+        return None
+    from data_pipeline.prepared import is_indexed
+
+    dp = plan.layout.data
+    consumed = cfg.train.global_batch_size * cfg.data.seq_length / plan.step_time_s / dp
+    if is_indexed(cfg.data):
+        return (f"data: each data-parallel rank consumes {consumed / 1e3:,.0f}k tokens/s; prepared data "
+                f"(source: indexed) reads only its own samples, far faster: data does not bound the step")
+    by_blocks = cfg.data.shard_by == "blocks" and dp > 1
+    delivered = STREAM_TOKENS_PER_CORE_S / (dp if by_blocks else 1)
+    mode = (f"streaming with shard_by=blocks (every rank tokenizes all {dp} ranks' data)" if by_blocks
+            else "streaming with shard_by=documents" if dp > 1 else "streaming")
+    verdict = (f"DATA-BOUND: tokenizing a step's data takes about {consumed / delivered:.1f}x the step; prepare "
+               f"the data (python -m data_pipeline.prepare, source: indexed)"
+               if delivered < consumed else "keeps up")
+    return (f"data: each data-parallel rank consumes {consumed / 1e3:,.0f}k tokens/s; {mode} delivers about "
+            f"{delivered / 1e3:,.0f}k/s per rank on one core (estimate, benchmarks.data): {verdict}")

@@ -38,12 +38,13 @@ from launcher.trainer import Prepared, Trainer, build_optimizer, deepspeed_confi
 from model.family import family_of
 from outliers.periodic import check_config as check_outlier_config
 from parallel.layout import validate_layout
+from common.cli import ArgumentParser, run_command
 
 log = logging.getLogger("launcher.pretrain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # Called as a function (tests, submitit), the stop handler lasts for the call; a signal received meanwhile
     # goes on to the previous handler afterwards (submitit's requeue). As a program it was installed above.
     with GracefulStop.installed():
-        return _main(argv)
+        return run_command("launcher.pretrain", _main, argv)  # common/cli.py: bad flags, library log lines
 
 
 def _main(argv: list[str] | None) -> int:

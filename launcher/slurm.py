@@ -12,7 +12,6 @@ starts, writes DeepSpeed's hostfile (slots = tasks per node, so CPU partitions w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Mapping
 
 from launcher.config import RunConfig, load_config
 from launcher.distributed import expand_nodelist, slurm_master_port
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from parallel.layout import validate_layout
 
@@ -166,7 +166,11 @@ def requeue_if_unfinished(cfg: RunConfig, status: int, env: Mapping[str, str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_command("launcher.slurm", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("command", "requeue-if-unfinished"))
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -174,16 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="default: derived from the job id")
     parser.add_argument("--status", type=int, default=0, help="requeue-if-unfinished: the launch's exit status")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # bad config: fail before anything is launched
-        if args.action == "command":
-            hostfile = Path(args.hostfile or cfg.run_path / f"hostfile-{os.environ.get('SLURM_JOB_ID', 'local')}")
-            print(shlex.join(launch_command(args.config, args.overrides, hostfile, args.port)))
-        else:
-            requeue_if_unfinished(cfg, args.status)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)  # bad config: fail before anything is launched
+    if args.action == "command":
+        import torch
+
+        from launcher.preflight import preflight
+
+        # In the allocation, before the hostfile is written and any rank starts: what every rank would fail on.
+        preflight(cfg, torch.device("cuda" if _gpus_on_node(os.environ) else "cpu"))
+        hostfile = Path(args.hostfile or cfg.run_path / f"hostfile-{os.environ.get('SLURM_JOB_ID', 'local')}")
+        print(shlex.join(launch_command(args.config, args.overrides, hostfile, args.port)))
+    else:
+        requeue_if_unfinished(cfg, args.status)
     return 0
 
 

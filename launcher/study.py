@@ -33,6 +33,7 @@ from typing import Any
 from launcher.config import load_config
 from model import variants
 from model.config import SOFTMAX_VARIANTS
+from common.cli import ArgumentParser, run_command
 from common.errors import ProjectError
 from model.family import Metric, family_of, spec_for
 from outliers.backcopy import BACKCOPY_KEYS
@@ -70,7 +71,7 @@ BACKCOPY_EMERGENCE = (("bos_mass_non_trigger", "BOS attention from non-trigger q
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/opt_tiny.yaml")
     parser.add_argument("--variants", default="softmax,softmax1,clipped_softmax,gated",
                         help="comma-separated variant names (default: %(default)s)")
@@ -155,6 +156,27 @@ def _layer_summary(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = ("bos_mass_non_trigger", "bos_mass_trigger", "nothing_mass_non_trigger", "gate_non_trigger",
             "bos_value_norm", "median_value_norm", "bos_residual_norm", "median_residual_norm")
     return [{"layer": layer["layer"], **{key: layer.get(key) for key in keys}} for layer in layers]
+
+
+def check_variants(configs: dict[str, Any], out: Path, resume: bool = False) -> None:
+    """What launcher.pretrain's preflight checks, for every variant as it will run (under `out`/<name>): a
+    variant that cannot run here (e.g. attention.backend=sdpa with a clipped softmax) stops the study before any
+    variant trains, not after the earlier ones did. The error names the variant."""
+    from dataclasses import replace
+
+    from checkpoint.resume import resume_point
+    from data_pipeline.writable import check_writable_dir
+    from launcher.preflight import preflight
+
+    check_writable_dir(out, "--out")
+    for name, cfg in configs.items():
+        cfg = replace(cfg, logging=replace(cfg.logging, run_dir=str(out), run_name=name))
+        try:
+            preflight(cfg)
+            if not resume:  # a folder of an earlier study with checkpoints is not reused (--resume continues it)
+                resume_point(cfg.run_path, "none", 1)
+        except ProjectError as error:
+            raise ProjectError(f"variant {name!r}: {error}") from None
 
 
 def run_variant(config: str, name: str, overrides: list[str], out: Path, metric: Metric = PPL,
@@ -303,39 +325,40 @@ def plot_emergence(results: dict[str, dict[str, Any]], path: Path, metric: Metri
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command("launcher.study", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        names = [n.strip() for n in args.variants.split(",") if n.strip()]
-        if not names or len(set(names)) != len(names):
-            raise ProjectError(f"--variants must name distinct variants, got {args.variants!r}")
-        if args.steps is not None and args.steps <= 0:
-            raise ProjectError(f"--steps must be positive, got {args.steps}")
-        if args.jobs <= 0:
-            raise ProjectError(f"--jobs must be positive, got {args.jobs}")
-        if args.resume and not args.out:
-            raise ProjectError("--resume needs --out (the study directory to continue)")
-        common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
-        family = load_config(args.config, args.overrides).model.family
-        plans = {name: variant_overrides(name, args.overrides, family) + common for name in names}
-        configs = {name: load_config(args.config, overrides) for name, overrides in plans.items()}  # validate all first
-        first = next(iter(configs.values()))
-        spec = family_of(first.model)
-        metric = spec.metrics[0] if spec.metrics else Metric("loss", "loss")
-        if first.eval.outlier_interval is None:
-            raise ProjectError("the study compares outlier/W8A8 figures: eval.outlier_interval must not be null")
-        out = Path(args.out) if args.out else Path(first.logging.run_dir) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
-        out.mkdir(parents=True, exist_ok=True)
-        finished = {}
-        for name, r in run_variants(args.config, plans, out, metric, args.jobs, args.resume):
-            finished[name] = r
-            print(f"[study] {name}: FP {metric.label} {_fmt(r[f'val_{metric.name}'])}, W8A8 {metric.label} "
-                  f"{_fmt(r[f'w8a8_val_{metric.name}'])}, avg kurtosis "
-                  f"{_fmt(r['avg_kurtosis'])}, max inf norm {_fmt(r['max_inf_norm'])} "
-                  f"({r['wall_time_s']:.0f}s)", flush=True)
-        results = {name: finished[name] for name in names}  # in the order the user named them
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ProjectError(f"--variants must name distinct variants, got {args.variants!r}")
+    if args.steps is not None and args.steps <= 0:
+        raise ProjectError(f"--steps must be positive, got {args.steps}")
+    if args.jobs <= 0:
+        raise ProjectError(f"--jobs must be positive, got {args.jobs}")
+    if args.resume and not args.out:
+        raise ProjectError("--resume needs --out (the study directory to continue)")
+    common = args.overrides + ([f"train.steps={args.steps}"] if args.steps else [])
+    family = load_config(args.config, args.overrides).model.family
+    plans = {name: variant_overrides(name, args.overrides, family) + common for name in names}
+    configs = {name: load_config(args.config, overrides) for name, overrides in plans.items()}  # validate all first
+    first = next(iter(configs.values()))
+    spec = family_of(first.model)
+    metric = spec.metrics[0] if spec.metrics else Metric("loss", "loss")
+    if first.eval.outlier_interval is None:
+        raise ProjectError("the study compares outlier/W8A8 figures: eval.outlier_interval must not be null")
+    out = Path(args.out) if args.out else Path(first.logging.run_dir) / f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_variants(configs, out, args.resume)  # every variant, before the first one trains
+    out.mkdir(parents=True, exist_ok=True)
+    finished = {}
+    for name, r in run_variants(args.config, plans, out, metric, args.jobs, args.resume):
+        finished[name] = r
+        print(f"[study] {name}: FP {metric.label} {_fmt(r[f'val_{metric.name}'])}, W8A8 {metric.label} "
+              f"{_fmt(r[f'w8a8_val_{metric.name}'])}, avg kurtosis "
+              f"{_fmt(r['avg_kurtosis'])}, max inf norm {_fmt(r['max_inf_norm'])} "
+              f"({r['wall_time_s']:.0f}s)", flush=True)
+    results = {name: finished[name] for name in names}  # in the order the user named them
     table = markdown_table(results, metric)
     steps = first.train.steps if args.steps is None else args.steps
     header = (f"# Attention-variant study ({first.model.family}"

@@ -17,12 +17,15 @@ import sys
 from pathlib import Path
 
 import submitit
+import torch
 
 from launcher.config import load_config
 from launcher.distributed import slurm_master_port
 from launcher.signals import GracefulStop
 from launcher.slurm import check_world, threads_per_rank
-from common.errors import ProjectError
+from common.cli import ArgumentParser, CommandFailed, positive_int, run_command
+from common.errors import ConfigError
+from launcher.preflight import preflight
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -67,7 +70,11 @@ def build_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_command("launcher.submit", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--local", action="store_true", help="run on this machine (CPU processes unless GPUs)")
@@ -84,22 +91,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None)
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # bad config: fail before submitting anything
-        world = args.tasks if args.local else args.nodes * (args.tasks_per_node or args.gpus_per_node or 1)
-        check_world(cfg, world)
-    except ProjectError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_flags(args)
+    cfg = load_config(args.config, args.overrides)  # bad config: fail before submitting anything
+    world = args.tasks if args.local else args.nodes * (args.tasks_per_node or args.gpus_per_node or 1)
+    check_world(cfg, world)
+    # What the job would fail on, checked before it is queued: on the device its nodes will have (this
+    # machine's for --local; a GPU node when --gpus-per-node > 0), the folders it writes, the periodic tasks.
+    job_device = None if args.local else torch.device("cuda" if args.gpus_per_node else "cpu")
+    preflight(cfg, job_device)
     args.name = args.name or cfg.logging.run_name
     executor = build_executor(args, cfg.run_path / "submitit")
     # The job runs in this directory too, but an absolute config path survives a --chdir or a moved shell.
     job = executor.submit(TrainJob(str(Path(args.config).resolve()), args.overrides, args.port))
     print(f"submitted job {job.job_id} ({'local' if args.local else 'slurm'}); logs: {cfg.run_path / 'submitit'}")
     if args.wait or args.local:
-        job.results()  # one result per task (rank); raises if any rank failed
+        try:
+            job.results()  # one result per task (rank); raises if any rank failed
+        except submitit.core.utils.UncompletedJobError as failed:  # FailedJobError too: the job's own line
+            raise CommandFailed(f"job {job.job_id} failed: {job_error_line(job, failed)} "
+                            f"(logs: {cfg.run_path / 'submitit'})") from None
         print(f"job {job.job_id} finished; summary: {cfg.run_path / 'summary.json'}")
     return 0
+
+
+def job_error_line(job: submitit.Job, failed: Exception) -> str:
+    """The job's last `error:` line (the trainer's one-line error), else the last line submitit reported."""
+    try:
+        text = job.stderr() or ""
+    except Exception:  # no log file (the job never started)
+        text = ""
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    if lines:
+        return lines[-1].removeprefix("error: ")
+    tail = [line for line in str(failed).splitlines() if line.strip()]
+    return tail[-1].strip() if tail else type(failed).__name__
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    for flag in ("tasks", "nodes", "cpus_per_task", "timeout_min"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
+    positive_int("--tasks-per-node", args.tasks_per_node)
+    if args.gpus_per_node < 0:
+        raise ConfigError("--gpus-per-node", args.gpus_per_node, "must be >= 0 (0 on a CPU partition)")
+    if args.signal_delay_s < 0:
+        raise ConfigError("--signal-delay-s", args.signal_delay_s, "must be >= 0")
+    if args.port is not None and not 1024 <= args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be a port number in 1024..65535")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,8 @@ class Trainer:
                                                                 self.device)
         state.step += 1
         state.progress.update(1)
+        if note := self.pm.compile_note():  # train.compile: what compiling cost, once
+            state.say(note)
         try:  # all ranks agree; the optimizer has already refused a non-finite update
             overflow = bool(getattr(self.engine.optimizer, "overflow", False))
             skipped = self.guard.check(state.step, loss, state.grad_norm, overflow)
@@ -209,7 +211,7 @@ class Trainer:
                 optimizer, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
                 total_steps=cfg.train.steps, schedule=cfg.train.lr_schedule),
             partition_method=cfg.parallel.partition_method,
-            activation_checkpointing=cfg.parallel.activation_checkpointing)
+            activation_checkpointing=cfg.parallel.activation_checkpointing, compile=cfg.train.compile)
         if not hasattr(pm.engine.optimizer, "overflow"):  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip inf/NaN
             skip_nonfinite_updates(pm.engine.optimizer)
         return pm

@@ -23,7 +23,7 @@ from torch import nn
 
 from model.hf_remote.outeffhop_attention import HeadGate
 from model import variants
-from model.config import AttentionConfig
+from model.attention_config import AttentionConfig
 from model.kernels.sdpa import causal_mask
 from model.layers import LocalLayers
 from model.taps import Tap
@@ -170,6 +170,7 @@ class MultiHeadAttention(nn.Module):
         self.head_offset = layers.tp_rank * self.num_local_heads
         self.variant, self.backend, self.dropout = attention.variant, attention.backend, dropout
         self.eager_only = False
+        self.recompute_core = False  # selective activation recompute (model/recompute.py)
         self.variant_params = attention.variant_params(seq_length)
         self.q_proj = layers.column(hidden_size, hidden_size, bias=bias)
         self.k_proj = layers.column(hidden_size, hidden_size, bias=bias)
@@ -201,11 +202,20 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         dropout_p = self.dropout if self.training else 0.0
         head_params = {name: getattr(self, name) for name in self.head_param_names}
-        # Probabilities of this rank's heads: dropout draws from the TP-rank-specific RNG stream.
-        with self.layers.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
-            context = scaled_dot_product(q, k, v, variant=self.variant, causal=self.causal,
-                                         backend="eager" if self.eager_only else self.backend, attn_mask=attn_mask,
-                                         dropout_p=dropout_p, taps=self.taps, **head_params, **self.variant_params)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # Probabilities of this rank's heads: dropout draws from the TP-rank-specific RNG stream.
+            with self.layers.model_parallel_rng() if dropout_p > 0 else contextlib.nullcontext():
+                return scaled_dot_product(q, k, v, variant=self.variant, causal=self.causal,
+                                          backend="eager" if self.eager_only else self.backend, attn_mask=attn_mask,
+                                          dropout_p=dropout_p, taps=self.taps, **head_params, **self.variant_params)
+
+        if self.recompute_core:
+            from model.recompute import recomputed
+
+            context = recomputed(core, q, k, v, rng_tracker=self.layers.rng_tracker)
+        else:
+            context = core(q, k, v)
         if self.gate is not None:
             start = self.head_offset * self.head_dim
             x_heads = self.layers.into_parallel_region(x)[..., start:start + self.num_local_heads * self.head_dim]

@@ -129,6 +129,11 @@ class FamilySpec(ABC):
     plannable: ClassVar[bool] = False  # launcher.plan has a memory model of this family
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
     clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
+    # Class names of the repeated blocks (their subclasses too, e.g. the pipeline's): what full activation
+    # recompute and train.compile apply to (model/recompute.py, model/compile.py)
+    block_types: ClassVar[tuple[str, ...]] = ()
+    # parallel.activation_checkpointing modes it supports (selective needs model/attention.py's MultiHeadAttention)
+    recompute_modes: ClassVar[tuple[str, ...]] = ("none", "full", "selective")
 
     # ------------------------------------------------------------------ model and config
     @abstractmethod
@@ -239,6 +244,13 @@ class FamilySpec(ABC):
     def residual_streams(self, model: nn.Module) -> list[str]:
         """Per layer, the statistics name of the residual stream after it (attention-sink metrics)."""
         return []
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The outermost modules of `model` (single-process or a pipeline stage) whose class is, or derives from,
+        one of `block_types`, in order."""
+        found = [m for m in model.modules() if any(c.__name__ in self.block_types for c in type(m).__mro__)]
+        inner = {id(child) for module in found for child in module.modules() if child is not module}
+        return [module for module in found if id(module) not in inner]
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Each layer's attention module, in order (attention-sink metrics); [] if none."""

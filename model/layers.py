@@ -23,6 +23,7 @@ class LocalLayers:
 
     tp_size = 1
     tp_rank = 0
+    rng_tracker = None  # the TP dropout streams that recompute must rewind (parallel/random.py's under TP)
 
     def __init__(self, init_std: float) -> None:
         self.init_std = init_std

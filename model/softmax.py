@@ -68,14 +68,5 @@ def entmax(logits: torch.Tensor, alpha_logit: torch.Tensor | float | None = None
     return _on_unmasked_rows(logits, lambda x: entmax_package.entmax_bisect(x, alpha, dim=-1))
 
 
-def probabilities(logits: torch.Tensor, variant: str, **params: Any) -> torch.Tensor:
-    """Attention probabilities of a registered variant (model/variants.py): `params` are its settings
-    (clipped: gamma, zeta) and learned per-head tensors (learnable_sink: sink_logit), broadcastable to the
-    logits; settings of other variants are ignored, missing ones take their defaults."""
-    from model import variants
-
-    return variants.get(variant).probabilities(logits, **params)
-
-
 __all__ = ["softmax", "softmax1", "softmax_with_sink", "softmax_n", "clip_probabilities", "sparsemax", "entmax",
-           "entmax_alpha", "alpha_logit", "probabilities"]
+           "entmax_alpha", "alpha_logit"]

@@ -64,6 +64,8 @@ class TextFamilySpec(FamilySpec):
 
     def data(self, cfg: Any, dp_rank: int = 0, dp_world: int = 1) -> FamilyData:
         from data_pipeline.examples import eval_examples, eval_examples_by_source, train_examples
+        from data_pipeline.prefetch import Prefetcher
+        from data_pipeline.prepared import is_indexed
 
         tokenizer = self.tokenizer(cfg)
         kwargs: dict[str, Any] = dict(dp_rank=dp_rank, dp_world=dp_world, vocab_size=cfg.model.vocab_size,
@@ -72,9 +74,11 @@ class TextFamilySpec(FamilySpec):
         by_source = eval_examples_by_source(cfg.data, self.objective, tokenizer, **kwargs)
         validation = ([example for examples in by_source.values() for example in examples] if by_source
                       else eval_examples(cfg.data, self.objective, tokenizer, **kwargs))
-        return FamilyData(train=train_examples(cfg.data, self.objective, tokenizer, dp_rank=dp_rank, dp_world=dp_world,
-                                               vocab_size=cfg.model.vocab_size),
-                          validation=validation, tokenizer=tokenizer, validation_by_source=by_source)
+        train = train_examples(cfg.data, self.objective, tokenizer, dp_rank=dp_rank, dp_world=dp_world,
+                               vocab_size=cfg.model.vocab_size)
+        if cfg.data.prefetch and not is_indexed(cfg.data):  # streamed: tokenize the next examples during the step
+            train = Prefetcher(train, cfg.data.prefetch)
+        return FamilyData(train=train, validation=validation, tokenizer=tokenizer, validation_by_source=by_source)
 
     def validation_examples(self, cfg: Any) -> list[Any]:
         from data_pipeline.examples import eval_examples

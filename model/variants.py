@@ -1,7 +1,7 @@
 """One registry of attention variants: name -> eager probabilities, settings, learned parameters, backends.
 
 Everything that knows a variant asks this registry: the config (`attention.variant` and the variant's
-settings with their defaults and checks), the eager reference (`model.softmax.probabilities`), backend
+settings with their defaults and checks), the eager reference (`model.variants.probabilities`), backend
 choice and dispatch (`model.attention`), the attention module's learned per-head parameters, and the
 Hopfield layers' separation functions (`model.hopfield`).
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ProjectError
 from common.plugins import import_named, is_import_path
 from model import kernels
 from model.kernels import sdpa
@@ -140,6 +140,13 @@ def get(name: str) -> Variant:
                       "or package.module:NAME")
 
 
+def probabilities(logits: torch.Tensor, variant: str, **params: Any) -> torch.Tensor:
+    """Attention probabilities of a registered variant: `params` are its settings (clipped: gamma, zeta) and
+    learned per-head tensors (learnable_sink: sink_logit), broadcastable to the logits; settings of other
+    variants are ignored, missing ones take their defaults."""
+    return get(variant).probabilities(logits, **params)
+
+
 def _all_accepted() -> frozenset[str]:
     return frozenset().union(*(v.accepts for v in _REGISTRY.values()))
 
@@ -227,10 +234,6 @@ def _clipped_keywords(settings: Mapping[str, Any], seq_length: int) -> dict[str,
     return {"gamma": -alpha / seq_length if alpha is not None else settings["gamma"], "zeta": settings["zeta"]}
 
 
-CLIP_SETTINGS = (Setting("gamma", -0.025, _at_most_zero), Setting("zeta", 1.0, _at_least_one),
-                 Setting("alpha", None, _none_or_non_negative))
-
-
 def _triton_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, attn_mask: torch.Tensor | None,
                 dropout_p: float, scale: float, sink_logit: torch.Tensor | None = None) -> torch.Tensor:
     return kernels.softmax1_attention(q, k, v, causal=causal, scale=scale, sink_logit=sink_logit,
@@ -249,22 +252,67 @@ def _triton_unavailable(device_type: str) -> str | None:
 TRITON = Backend(_triton_run, unavailable=_triton_unavailable, why_not=kernels.unsupported_reason, auto_on=("cuda",))
 SINK = HeadParam("sink_logit", required=True)
 
+def exported(name: str, *, checks: Mapping[str, Check] | None = None, extra: tuple[Setting, ...] = (),
+             **training: Any) -> Variant:
+    """The variant model/hf_remote/outeffhop_attention.py defines as `name` (eager function, settings with their
+    defaults, per-head parameter): its one definition, with what training alone adds (setting `checks`, `extra`
+    settings, backends, to_keywords)."""
+    spec = shared.VARIANTS[name]
+    settings = tuple(Setting(key, default, (checks or {}).get(key))
+                     for key, (_, default) in spec.settings.items()) + extra
+    head_params = (HeadParam(spec.head_param, required=True),) if spec.head_param else ()
+    return Variant(name, spec.probabilities, settings=settings, head_params=head_params, exportable=True, **training)
+
+
+CLIP_CHECKS = {"gamma": _at_most_zero, "zeta": _at_least_one}
+ALPHA = Setting("alpha", None, _none_or_non_negative)  # training's recipe for gamma; the export stores gamma
+
 for _variant in (
-    Variant("softmax", shared.softmax, backends={"sdpa": Backend(sdpa.softmax_attention)}, exportable=True),
-    Variant("softmax1", shared.softmax1, backends={"sdpa": Backend(sdpa.softmax1_attention), "triton": TRITON},
-            exportable=True),
-    Variant("clipped_softmax", shared.clipped_softmax, settings=CLIP_SETTINGS, to_keywords=_clipped_keywords,
-            exportable=True),
-    Variant("clipped_softmax1", shared.clipped_softmax1, settings=CLIP_SETTINGS, to_keywords=_clipped_keywords,
-            exportable=True),
-    Variant("learnable_sink", shared.learnable_sink, head_params=(SINK,), backends={"triton": TRITON},
-            exportable=True),
-    # STanHop-Net's normalisers (the entmax package): sparse attention / Hopfield retrieval.
+    exported("softmax", backends={"sdpa": Backend(sdpa.softmax_attention)}),
+    exported("softmax1", backends={"sdpa": Backend(sdpa.softmax1_attention), "triton": TRITON}),
+    exported("clipped_softmax", checks=CLIP_CHECKS, extra=(ALPHA,), to_keywords=_clipped_keywords),
+    exported("clipped_softmax1", checks=CLIP_CHECKS, extra=(ALPHA,), to_keywords=_clipped_keywords),
+    exported("learnable_sink", backends={"triton": TRITON}),
+    # STanHop-Net's normalisers (the entmax package): sparse attention / Hopfield retrieval; no export.
     Variant("sparsemax", sparsemax),
     Variant("entmax", entmax, settings=(Setting("entmax_alpha", 1.5, _open_unit_interval_above_one),),
             head_params=(HeadParam("alpha_logit", init=lambda settings: alpha_logit(settings["entmax_alpha"])),)),
 ):
     register(_variant)
 
-__all__ = ["Variant", "Setting", "HeadParam", "Backend", "register", "get", "names", "settings_of",
-           "check_config", "keywords_of", "initial_head_params", "head_param_names", "positive"]
+
+# ---------------------------------------------------------------- config.json of an export
+
+def export_settings(cfg: Any, seq_length: int) -> dict[str, Any]:
+    """The config.json keys an export's outeffhop_attention.py reads, from an AttentionConfig (settings resolved
+    at the training length `seq_length`, e.g. clipping's gamma from alpha); ProjectError for a variant the
+    export file does not compute."""
+    if not get(cfg.variant).exportable:
+        raise ProjectError(f"attention.variant {cfg.variant} has no Hugging Face export: the exported attention file "
+                           f"(outeffhop_attention.py) computes {', '.join(shared.VARIANTS)}")
+    keywords = keywords_of(cfg, seq_length)
+    fields = _fields(cfg)
+    values = {key: keywords.get(keyword, getattr(cfg, keyword) if keyword in fields else default)
+              for spec in shared.VARIANTS.values() for keyword, (key, default) in spec.settings.items()}
+    gate = {key: getattr(cfg, field) for key, field in GATE_FIELDS.items()}
+    return {"attention_variant": cfg.variant, **values, **gate, "train_seq_length": seq_length}
+
+
+def imported_settings(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """AttentionConfig fields from the keys an export's config.json holds (the reverse of export_settings; a
+    published model holds none). An exported gamma is the resolved one: alpha is unset then."""
+    values = {keyword: stored[key] for spec in shared.VARIANTS.values()
+              for keyword, (key, _) in spec.settings.items() if key in stored}
+    values.update({field: stored[key] for key, field in GATE_FIELDS.items() if key in stored})
+    return {**values, "alpha": None} if "gamma" in values else values
+
+
+# The gate's config.json keys (outeffhop_attention.GATE_SETTINGS) -> AttentionConfig fields.
+GATE_FIELDS = {"attention_gated": "gated", "gate_type": "gate_type", "gate_hidden": "gate_hidden",
+               "gate_init_prob": "gate_init_prob"}
+assert set(GATE_FIELDS) == set(shared.GATE_SETTINGS)
+
+
+__all__ = ["Variant", "Setting", "HeadParam", "Backend", "register", "get", "names", "probabilities",
+           "settings_of", "check_config", "keywords_of", "initial_head_params", "head_param_names", "positive",
+           "exported", "export_settings", "imported_settings"]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.compile import eager
 from model.family import Batch, FamilySpec, add_sums, family_of
 from outliers.backcopy import BACKCOPY_KEYS, BackcopyHooks, format_backcopy_table
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
@@ -146,7 +147,9 @@ def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_block
     calibrated on `calib_blocks`. `model` must be in eval mode; it is not modified."""
     if model.training:
         raise ValueError("evaluate_model needs a model in eval mode (dropout off), e.g. from model_from_state")
-    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
+    # Evaluation must not shift the training run's random stream; compiled blocks (train.compile) run eagerly:
+    # hooks and quantized copies would only recompile them.
+    with torch.random.fork_rng(devices=[]), eager():
         return _evaluate(model, val_blocks, calib_blocks, settings)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from model.attention import MultiHeadAttention, _causal_mask
 from model.family import family_of
-from model.softmax import probabilities
+from model.variants import probabilities
 from outliers.stats import hook_activation
 
 SINK_THRESHOLD = 0.3  # Gu et al. 2024 count a head as a sink head above this mass on the first token

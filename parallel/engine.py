@@ -11,7 +11,9 @@ parameter manifest that consolidation merges shards with).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping
 
@@ -24,6 +26,8 @@ from checkpoint.consolidate import merge_shards, parameter_files
 from model.config import ModelConfig
 from model.family import Batch, FamilySpec, add_sums, build_model, family_of
 from model.layers import LocalLayers
+from model.compile import compile_blocks, compile_report, eager
+from model.recompute import apply_activation_checkpointing
 from parallel.grad_clip import install_global_norm_clipping, uses_plain_optimizer
 from parallel.groups import MegatronMPU, init_model_parallel
 from parallel.layout import Layout
@@ -41,6 +45,15 @@ class ParallelModel:
     num_parameters: int
     family: FamilySpec
     rng_tracker: RNGStatesTracker = TRACKER  # the TP dropout streams (parallel/random.py), saved with checkpoints
+    compiled: bool = False  # train.compile: blocks compiled (model/compile.py); evaluation runs eagerly
+    step_seconds: list[float] = field(default_factory=list)  # this process's first two step times (compile_note)
+
+    def compile_note(self) -> str | None:
+        """Once, after this process's second step of a compiled model: what compilation cost (one line)."""
+        if not self.compiled or len(self.step_seconds) != 2:
+            return None
+        self.step_seconds.append(0.0)  # reported
+        return compile_report(*self.step_seconds[:2])
 
     @property
     def pipelined(self) -> bool:
@@ -90,9 +103,9 @@ def _full_model(cfg: ModelConfig, seq_length: int, seed: int) -> nn.Module:
 def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, seed: int, ds_config: dict[str, Any],
                          make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                          make_scheduler: Callable[[torch.optim.Optimizer], Any],
-                         partition_method: str = "layers", activation_checkpointing: bool = False,
+                         partition_method: str = "layers", activation_checkpointing: str = "none",
                          initial_state: Mapping[str, torch.Tensor] | None = None,
-                         initial_source: str = "initial weights") -> ParallelModel:
+                         initial_source: str = "initial weights", compile: bool = False) -> ParallelModel:
     import deepspeed
 
     init_model_parallel(layout.tensor, layout.pipeline)
@@ -114,14 +127,18 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
             layers = LocalLayers(cfg.init_std)
         if layout.pipeline > 1:
             module = build_pipeline(cfg, seq_length, layers, pipeline=layout.pipeline, tensor=layout.tensor,
-                                    data=layout.data, partition_method=partition_method,
-                                    activation_checkpointing=activation_checkpointing)
+                                    data=layout.data, partition_method=partition_method)
             name_map = partial(canonical_name, cfg=cfg)
         else:
             module = build_model(cfg, seq_length=seq_length, layers=layers)
         load_full_state_dict(module, full.state_dict(), tp_size=layout.tensor, tp_rank=tp_rank, name_map=name_map,
                              source=initial_source)
         del full
+    if compile:  # before recompute, which then recomputes with the compiled forward
+        compile_blocks(module, family_of(cfg))
+    # Recompute (parallel.activation_checkpointing) the same way in every layout; TP dropout rewinds its tracker.
+    apply_activation_checkpointing(module, activation_checkpointing, family_of(cfg),
+                                   rng_tracker=TRACKER if layout.tensor > 1 else None)
     optimizer = make_optimizer(module)
     mpu = MegatronMPU() if layout.tensor > 1 and layout.pipeline == 1 else None  # a PipelineModule brings its grid
     plain = uses_plain_optimizer(ds_config)
@@ -135,7 +152,7 @@ def build_parallel_model(cfg: ModelConfig, layout: Layout, *, seq_length: int, s
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; gradient "
                            "clipping expects it to step the client optimizer (ZeRO-0, fp32)")
     return ParallelModel(engine=engine, layout=layout, module=engine.module, name_map=name_map,
-                         num_parameters=num_parameters, family=family_of(cfg))
+                         num_parameters=num_parameters, family=family_of(cfg), compiled=compile)
 
 
 def _comm_device(group: Any) -> torch.device:
@@ -157,6 +174,7 @@ def train_step(pm: ParallelModel, batches: Iterator[Batch], grad_accumulation: i
     The norm is the single-process one in every layout: DeepSpeed's ZeRO/bf16/fp16 optimizers compute it,
     and on the plain ZeRO-0 fp32 path parallel/grad_clip.py does. None only if DeepSpeed computed none."""
     engine = pm.engine
+    start = time.perf_counter()
     if pm.pipelined:
         pairs = (b.to(device).as_tuple() for b in batches)
         step_loss = float(engine.train_batch(data_iter=pairs))  # averaged over micro-batches and DP by DeepSpeed
@@ -170,6 +188,8 @@ def train_step(pm: ParallelModel, batches: Iterator[Batch], grad_accumulation: i
             step_loss += loss.item() / grad_accumulation
         step_loss = _dp_mean(step_loss, pm)
     norm = engine.get_global_grad_norm()
+    if pm.compiled and len(pm.step_seconds) < 2:
+        pm.step_seconds.append(time.perf_counter() - start)
     return step_loss, float(norm) if norm is not None else None
 
 
@@ -178,6 +198,12 @@ def eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
               device: torch.device) -> dict[str, float]:
     """The family's validation metrics over every data-parallel rank's examples: {"loss", e.g. "ppl", ...,
     "tokens"}, each batch weighted by its number of targets (FamilySpec.eval_sums / finish_metrics)."""
+    with eager() if pm.compiled else contextlib.nullcontext():
+        return _eval_loss(pm, examples, micro_batch_size, device)
+
+
+def _eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
+               device: torch.device) -> dict[str, float]:
     engine, spec = pm.engine, pm.family
     engine.eval()
     sums: dict[str, float] = {}

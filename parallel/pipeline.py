@@ -1,8 +1,8 @@
 """Pipeline parallelism: a model family's stages (its spec's `pipeline`) as a DeepSpeed PipelineModule.
 
 The family builds the LayerSpecs from the same blocks as its single-process model (model/opt/pipeline.py,
-model/bert/pipeline.py); this module only adds what every family shares: the topology, the partitioning
-and activation checkpointing. Parameter names inside the PipelineModule ("3.fc1.weight") map to the
+model/bert/pipeline.py); this module only adds what every family shares: the topology and the partitioning
+(activation recompute is model/recompute.py's in every layout, applied by parallel/engine.py). Parameter names inside the PipelineModule ("3.fc1.weight") map to the
 canonical single-process names with the family's `canonical_name`, which sharding and consolidation use.
 """
 
@@ -21,9 +21,8 @@ def canonical_name(name: str, cfg: object) -> str:
 
 
 def build_pipeline(cfg: object, seq_length: int, layers: LocalLayers, *, pipeline: int, tensor: int,
-                   data: int, partition_method: str, activation_checkpointing: bool) -> PipelineModule:
+                   data: int, partition_method: str) -> PipelineModule:
     parts = family_of(cfg).pipeline(cfg, seq_length, layers)
     method = f"type:{parts.layer_class}" if partition_method == "layers" else partition_method
     topology = PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=data)
-    return PipelineModule(layers=parts.specs, loss_fn=parts.loss_fn, topology=topology, partition_method=method,
-                          activation_checkpoint_interval=int(activation_checkpointing))
+    return PipelineModule(layers=parts.specs, loss_fn=parts.loss_fn, topology=topology, partition_method=method)

@@ -94,6 +94,8 @@ class TensorParallelLayers(LocalLayers):
         losses = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(ignored, 0))
         return losses.masked_fill(ignored, 0.0)
 
+    rng_tracker = TRACKER
+
     @contextlib.contextmanager
     def model_parallel_rng(self) -> Iterator[None]:
         with TRACKER.fork():

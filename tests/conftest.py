@@ -97,3 +97,23 @@ def trained_run(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     result = run_pretrain(tiny_overrides(data_cache, run_dir, **{"logging.run_name": "base"}))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir / "base"
+
+
+def prepare_config(path: Path, cache_dir: Path, **data: object) -> Path:
+    """A run config whose data section is the bundled English sample with the fixed character tokenizer (nothing
+    to train, 67 tokens: any test model's vocabulary holds it)."""
+    values = {"source": "wiki_sample", "language": "en", "tokenizer_type": "char", "cache_dir": str(cache_dir), **data}
+    path.write_text("data:\n" + "".join(f"  {key}: {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_chars(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample's first 400 train documents and its validation split, prepared (data_pipeline.prepare)
+    in 4 shards with the character tokenizer: the folder of its one source."""
+    from data_pipeline.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    prepare(str(prepare_config(root / "data.yaml", data_cache)), root / "out", num_shards=4, max_documents=400,
+            progress=False)
+    return root / "out" / "wiki_sample_en"

@@ -1,7 +1,10 @@
 """Run under `torch.distributed.run`: train tiny OPT and BERT models for STEPS steps in each layout listed in
-the LAYOUTS env var ("tp,pp,zero;tp,pp,zero;..."; data parallel fills the rest of the world) and write, per
+the LAYOUTS env var ("tp,pp,zero[,recompute[,compile]];..."; data parallel fills the rest of the world; recompute
+is a parallel.activation_checkpointing mode, `compile` compiles the blocks as train.compile) and write, per
 layout and run, the per-step losses and logged gradient norms as JSON (rank 0). With DROPOUT=p, hidden and
 attention dropout are on and TP layouts also report how far their ranks' replicated weights drifted apart.
+With PREPARED=<a data_pipeline.prepare folder>, the causal runs train on prepared data instead, each data-parallel
+rank reading only its own samples through data_pipeline's IndexedStream (global sample n x dp + rank).
 
 Used by tests/test_parallel.py to compare every layout with the single-process run; it goes through
 parallel/engine.py, the code path of launcher.pretrain. Every mechanism that can differ between layouts is
@@ -61,15 +64,30 @@ def replicated_divergence(module: torch.nn.Module) -> float:
     return worst
 
 
-def train_layout(tp: int, pp: int, zero: int, device: torch.device,
-                 dropout: float = 0.0) -> dict[str, dict[str, list[float]]]:
+def prepared_tokens(path: str, dp_rank: int, dp_world: int) -> torch.Tensor:
+    """This rank's STEPS x GLOBAL / dp_world blocks of SEQ tokens from prepared data (only its own samples)."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.examples import train_examples
+    from data_pipeline.tokenizer import load_or_train_tokenizer
+
+    cfg = DataConfig(source="indexed", path=path, seq_length=SEQ)
+    stream = train_examples(cfg, "causal", load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world)
+    return torch.stack([next(stream) for _ in range(STEPS * GLOBAL // dp_world)])
+
+
+def train_layout(tp: int, pp: int, zero: int, device: torch.device, dropout: float = 0.0,
+                 recompute: str = "none", runs: list[str] | None = None,
+                 compile: bool = False) -> dict[str, dict[str, list[float]]]:
     from megatron.core import parallel_state as ps
 
     results = {}
+    prepared = os.environ.get("PREPARED")
     # Learnable sequences (each token one more than the last, from a random start), so every run must improve.
     starts = torch.randint(0, VOCAB, (STEPS * GLOBAL, 1), generator=torch.Generator().manual_seed(0))
     tokens = (starts + torch.arange(SEQ)) % VOCAB
     for name, (family, attention) in RUNS.items():
+        if (runs and name not in runs) or (prepared and family != "opt"):
+            continue
         data = mlm_examples(tokens) if family == "bert" else tokens
         cfg = ModelConfig(family=family, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64,
                           max_position_embeddings=SEQ, vocab_size=VOCAB, dropout=dropout, attention_dropout=dropout,
@@ -85,9 +103,13 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device,
             cfg, layout, seq_length=SEQ, seed=7, ds_config=ds_config,
             make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
             make_scheduler=lambda o: build_scheduler(o, lr=1e-2, min_lr=1e-3, warmup_steps=3, total_steps=STEPS,
-                                                     schedule="cosine"))
+                                                     schedule="cosine"),
+            activation_checkpointing=recompute, compile=compile)
         dp_rank = ps.get_data_parallel_rank()
-        mine = data[dp_rank::layout.data]  # block sharding, as data_pipeline's shard_by=blocks
+        if prepared:
+            mine = prepared_tokens(prepared, dp_rank, layout.data)
+        else:
+            mine = data[dp_rank::layout.data]  # block sharding, as data_pipeline's shard_by=blocks
 
         def batches():
             for start in range(0, len(mine), MICRO):
@@ -108,9 +130,11 @@ def main() -> None:
     device = init_process_group()
     results = {}
     dropout = float(os.environ.get("DROPOUT", 0.0))
+    runs = [name for name in os.environ.get("RUNS", "").split(",") if name]  # default: every run
     for spec in os.environ["LAYOUTS"].split(";"):
-        tp, pp, zero = (int(x) for x in spec.split(","))
-        results[spec] = train_layout(tp, pp, zero, device, dropout)
+        tp, pp, zero, *extra = spec.split(",")
+        results[spec] = train_layout(int(tp), int(pp), int(zero), device, dropout, extra[0] if extra else "none",
+                                     runs=runs, compile=extra[1:] == ["compile"])
         # The next layout builds its own groups; DeepSpeed keeps the last engine's mpu in a module global.
         destroy_model_parallel()
         ds_groups.mpu = None

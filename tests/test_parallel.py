@@ -32,11 +32,12 @@ LAYOUTS = {
 SINGLE = (1, 1, 0)
 
 
-def _train(tmp_path: Path, ranks: int, layouts: list[tuple[int, int, int]], dropout: float = 0.0) -> dict[str, dict]:
+def _train(tmp_path: Path, ranks: int, layouts: list[tuple], dropout: float = 0.0,
+           runs: tuple[str, ...] = (), prepared: Path | None = None) -> dict[str, dict]:
     out = tmp_path / f"layouts_{ranks}_{dropout}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(LAYOUTS=";".join(",".join(map(str, spec)) for spec in layouts), OUT=str(out), DROPOUT=str(dropout),
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RUNS=",".join(runs), PREPARED=str(prepared or ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_port", str(free_port()), str(WORKER)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -71,6 +72,22 @@ def test_layout_matches_single_process(trained: Callable[[int], dict[str, dict]]
             assert expected["loss"][-1] < expected["loss"][0] - 0.3, run
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"{run}: loss"
         assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), f"{run}: grad norm"
+
+
+@pytest.mark.slow
+def test_prepared_data_every_layout_matches_single_process(prepared_chars: Path, tmp_path: Path) -> None:
+    """Prepared (indexed) data: DP2, TP2 and PP2, each data-parallel rank reading only its own global samples, give
+    the single process's losses and gradient norms at every step."""
+    expected = _train(tmp_path, 1, [SINGLE], prepared=prepared_chars)["1,1,0"]
+    layouts = {"DP2": (1, 1, 0), "TP2": (2, 1, 0), "PP2": (1, 2, 0)}
+    got = _train(tmp_path, 2, list(layouts.values()), prepared=prepared_chars)
+    assert list(expected) == ["opt/softmax", "opt/softmax1_gated"]
+    for layout, spec in layouts.items():
+        for run, reference in expected.items():
+            assert reference["loss"][-1] < reference["loss"][0], run  # prepared text is learnable too
+            runs = got[",".join(map(str, spec))]
+            assert runs[run]["loss"] == pytest.approx(reference["loss"], rel=1e-5), f"{layout} {run}: loss"
+            assert runs[run]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), f"{layout} {run}"
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from launcher.comm_model import LINKS, Link, Network, all_gather_s, all_reduce_s, p2p_s
 from launcher.config import config_from_dict, load_config
 from launcher.memory_probe import measure_activation_peak
 from launcher.planner import (LayoutChoice, activation_bytes, candidate_layouts, device_named, embedding_params,
@@ -101,9 +102,46 @@ def test_plan_totals_flops_and_step_time() -> None:
     assert plan.precision == "fp32" and plan.stage == 0 and plan.in_flight == 2  # accumulation 8 / (2*2) = 2
     assert plan.bytes["parameters"] == 4 * (872 + 208)
     assert plan.flops_per_step == flops_per_token(cfg.model, 4) * 8 * 4
-    bubble = 1 + (2 - 1) / 2
-    assert math.isclose(plan.step_time_s, plan.flops_per_step / (4 * 989e12 * 0.5) * bubble)
+    compute = plan.flops_per_step / (4 * 989e12 * 0.5)
+    assert math.isclose(plan.time["compute"], compute)
+    # 2 micro-batches per rank: one activation and one gradient send each (2 x 8 tokens x 8 hidden x 4 bytes
+    # over NVLink 4 at 80% of 450 GB/s, 5 us per message); the bubble is one slot (compute / 2 + its sends)
+    send = 5e-6 + 2 * 4 * 8 * 4 / (450e9 * 0.8)
+    assert math.isclose(plan.time["pipeline_p2p"], 2 * 2 * send)
+    assert math.isclose(plan.time["bubble"], compute / 2 + 2 * send)
+    # DP2 all-reduce of the stage's 1080 fp32 gradients: 2 latency steps + 2 (n-1)/n x 4320 bytes / bandwidth
+    assert math.isclose(plan.time["data_parallel"], 2 * 5e-6 + 4 * (872 + 208) / (450e9 * 0.8))
+    assert plan.step_time_s == sum(plan.time.values())
     assert plan.total == sum(plan.bytes.values())
+
+
+def test_collective_costs_by_hand() -> None:
+    link = Link("test", bandwidth_gbs=1.0, latency_s=1e-3, source="by hand", efficiency=0.5)  # 0.5e9 B/s
+    assert math.isclose(all_reduce_s(1e9, 4, link), 6e-3 + 1.5 * 2.0)  # 2(n-1) steps, 2(n-1)/n x S / B
+    assert math.isclose(all_gather_s(1e9, 4, link), 3e-3 + 0.75 * 2.0)
+    assert math.isclose(p2p_s(1e9, link), 1e-3 + 2.0)
+    assert all_reduce_s(1e9, 1, link) == 0.0
+    network = Network(intra=LINKS["nvlink4"], inter=LINKS["ib_ndr"], gpus_per_node=8)
+    assert network.link(8) is LINKS["nvlink4"] and network.link(16) is LINKS["ib_ndr"]
+
+
+def test_layouts_that_communicate_differently_rank_differently() -> None:
+    cfg = load_config("configs/opt_1b3.yaml")
+    h100 = device_named("H100")
+    times = {(t, p, d, z, ac): plan_layout(cfg, LayoutChoice(t, p, d, z, 8, ac), h100) for t, p, d, z, ac in [
+        (1, 1, 8, 0, "none"), (1, 1, 8, 2, "none"), (2, 1, 4, 0, "none"), (1, 2, 4, 0, "none"),
+        (1, 1, 8, 0, "full"), (1, 1, 8, 0, "selective")]}
+    steps = {key: plan.step_time_s for key, plan in times.items()}
+    assert len(set(steps.values())) == len(steps)  # no two alike (before this, all were 3.006 s)
+    base = times[(1, 1, 8, 0, "none")]
+    assert times[(2, 1, 4, 0, "none")].time["tensor_parallel"] > 0 and times[(1, 2, 4, 0, "none")].time["bubble"] > 0
+    assert steps[(1, 1, 8, 2, "none")] > steps[(1, 1, 8, 0, "none")]  # ZeRO-2 reduce-scatters every micro-batch
+    assert steps[(1, 1, 8, 0, "full")] > steps[(1, 1, 8, 0, "selective")] > base.step_time_s
+    # the same DP16 all-reduce over InfiniBand (two nodes) costs more than DP8 over NVLink (one node)
+    sixteen = plan_layout(cfg, LayoutChoice(1, 1, 16, 0, 8), h100)
+    assert sixteen.time["data_parallel"] > base.time["data_parallel"]
+    ranked = suggest(cfg, 8, h100)
+    assert [p.step_time_s for p in ranked] == sorted(p.step_time_s for p in ranked)
 
 
 @pytest.mark.parametrize("config,overrides", [
@@ -153,3 +191,13 @@ def test_cli_prints_plan_and_suggestions(capsys: pytest.CaptureFixture[str]) -> 
                                                "H200, A100-80GB, A100-40GB, L40S, A10G, V100, cpu)")
     assert plan.main(["--config", "configs/opt_tiny.yaml", "--gpus", "3", "--set", "parallel.tensor=2"]) == 2
     assert capsys.readouterr().err.startswith("error: config key 'parallel.tensor'")
+
+
+def test_planner_check_fits_latency_and_bandwidth_robustly() -> None:
+    from benchmarks.planner_check import fit_link
+
+    # t(S) = 2 a + S / B with a = 50 us, B = 1 GB/s; the largest size is an outlier (a busy machine)
+    times = {str(s): 100e-6 + s / 1e9 for s in (2**10, 2**14, 2**18, 2**20, 2**22)}
+    times[str(2**22)] *= 5
+    latency, bandwidth = fit_link(times)
+    assert latency == pytest.approx(50e-6, rel=0.03) and bandwidth == pytest.approx(1e9, rel=0.01)

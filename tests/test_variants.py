@@ -7,13 +7,14 @@ import entmax as entmax_package
 import pytest
 import torch
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ProjectError
 from model.hf_remote import outeffhop_attention
 from model import variants
 from model.attention import MultiHeadAttention, scaled_dot_product
 from model.config import SOFTMAX_VARIANTS, AttentionConfig
 from model.layers import LocalLayers
-from model.softmax import entmax, entmax_alpha, probabilities, sparsemax
+from model.softmax import entmax, entmax_alpha, sparsemax
+from model.variants import probabilities
 
 
 def _logits(seed: int = 0) -> torch.Tensor:
@@ -71,12 +72,31 @@ def test_built_in_variants_keep_their_names_and_settings() -> None:
 
 def test_project_and_export_share_one_eager_definition() -> None:
     logits = _logits(1)
-    for name, function in outeffhop_attention.VARIANTS.items():
-        assert variants.get(name).eager is function and variants.get(name).exportable
+    for name, exported in outeffhop_attention.VARIANTS.items():
+        assert variants.get(name).eager is exported.probabilities and variants.get(name).exportable
     sink = torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1)
     torch.testing.assert_close(probabilities(logits, "learnable_sink", sink_logit=sink),
                                outeffhop_attention.learnable_sink(logits, sink))
     assert not variants.get("entmax").exportable  # the export file imports only torch
+
+
+def test_the_export_file_is_each_exported_variants_one_definition() -> None:
+    # Registry entries, their defaults and per-head parameters, and the config.json keys of an export (written
+    # and read back) all follow from the export file's table: a variant cannot differ between the two.
+    for name, exported in outeffhop_attention.VARIANTS.items():
+        variant = variants.get(name)
+        assert {k: variant.default_settings()[k] for k in exported.settings} == {
+            k: default for k, (_, default) in exported.settings.items()}
+        assert [h.name for h in variant.head_params] == ([exported.head_param] if exported.head_param else [])
+    assert {n for n in variants.names() if variants.get(n).exportable} == set(outeffhop_attention.VARIANTS)
+    cfg = AttentionConfig(variant="clipped_softmax1", alpha=12.0, zeta=1.5, gated=True)
+    written = variants.export_settings(cfg, seq_length=48)
+    assert written["clip_gamma"] == -12.0 / 48 and written["clip_zeta"] == 1.5 and written["attention_gated"]
+    assert set(written) == set(outeffhop_attention.DEFAULTS) | {"train_seq_length"}
+    read = variants.imported_settings(written)
+    assert (read["gamma"], read["zeta"], read["alpha"]) == (-12.0 / 48, 1.5, None)
+    with pytest.raises(ProjectError, match="entmax has no Hugging Face export"):
+        variants.export_settings(AttentionConfig(variant="entmax"), seq_length=48)
 
 
 def test_hopfield_separations_come_from_the_registry() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from common.errors import ProjectError
-from model.hf_adapter import HFAdapter, StateDict, rename
+from model.hf_adapter import HFAdapter, HFSource, StateDict, attention_keys, load_remote, one_line, rename, require
 
 # This project's attention projections -> transformers' BertForMaskedLM names (the rest is identical).
 BERT_TO_HF = {".attention.self.q_proj.": ".attention.self.query.",
@@ -18,6 +19,15 @@ BERT_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.
              "cls.predictions.decoder.bias": "cls.predictions.bias"}
 # BERT's special tokens, named on the exported tokenizer where its vocabulary has them
 BERT_SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "pad_token": "[PAD]"}
+# transformers BertConfig keys this project's BERT needs at these values: (value, what differs otherwise)
+REQUIRED = {
+    "hidden_act": ("gelu", "another activation than exact GELU"),
+    "position_embedding_type": ("absolute", "relative position embeddings"),
+    "is_decoder": (False, "a causal decoder"),
+    "add_cross_attention": (False, "cross-attention layers"),
+    "tie_word_embeddings": (True, "an MLM decoder separate from the word embeddings"),
+}
+MLM_HEAD = ("MLM head", ("cls.",))
 
 
 class BertAdapter(HFAdapter):
@@ -25,6 +35,39 @@ class BertAdapter(HFAdapter):
     remote_class = "OutEffHopBertForMaskedLM"
     stock_class = "BertForMaskedLM"
     auto_class = "AutoModelForMaskedLM"
+
+    model_types = ("bert",)
+    default_recipe = "configs/bert_base.yaml"
+
+    def read_source(self, folder: Path, config: dict[str, Any]) -> HFSource:
+        """A transformers BERT folder: BertForMaskedLM (the head is kept) or a headless BertModel (e.g. a sentence
+        encoder; the MLM head is initialised), read through the remote class (stock BERT + variant parameters)."""
+        from transformers import BertConfig
+
+        try:
+            hf = BertConfig.from_pretrained(str(folder))
+        except Exception as error:
+            raise ProjectError(f"cannot read {folder / 'config.json'}: {one_line(error, 200)}") from None
+        require(folder / "config.json", hf, REQUIRED, "BERT is a post-LN encoder with exact GELU, absolute "
+                "positions and the MLM decoder tied to the word embeddings")
+        model = dict(
+            num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_heads=hf.num_attention_heads,
+            ffn_hidden_size=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
+            vocab_size=hf.vocab_size, pad_vocab_to_multiple_of=1, type_vocab_size=hf.type_vocab_size,
+            init_std=hf.initializer_range, dropout=float(hf.hidden_dropout_prob),
+            attention_dropout=float(hf.attention_probs_dropout_prob), layer_norm_eps=hf.layer_norm_eps,
+            tie_word_embeddings=True)
+        return HFSource(model, lambda: self._weights(folder), attention_keys(config), tokenizer_dir=folder,
+                        head=MLM_HEAD)
+
+    def _weights(self, folder: Path) -> StateDict:
+        from model.hf_remote.modeling_outeffhop_bert import OutEffHopBertForMaskedLM
+
+        hf_model, missing = load_remote(OutEffHopBertForMaskedLM, folder, allowed_missing=MLM_HEAD[1])
+        state = self.from_hf(hf_model.state_dict(), None)
+        if missing:  # a headless encoder: transformers' random head is dropped, import initialises the whole head
+            state = {key: value for key, value in state.items() if not key.startswith(MLM_HEAD[1])}
+        return state
 
     def to_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         """Attention projections renamed, the tied decoder written out (BERT's decoder is always tied)."""

@@ -25,6 +25,7 @@ LAYER_PREFIX = "bert.encoder.layer."
 
 
 class BertSpec(TextFamilySpec):
+    block_types = ("BertLayer",)
     name = "bert"
     # Examples are [2, T] = (masked input ids, labels with -100 where nothing is predicted), made by
     # data_pipeline/mlm.py with masks that are a pure function of (seed, global block index).

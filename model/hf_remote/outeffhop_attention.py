@@ -14,6 +14,7 @@ row that may attend to no key gets zeros.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -65,17 +66,34 @@ def learnable_sink(logits: torch.Tensor, sink_logit: torch.Tensor) -> torch.Tens
     return softmax_with_sink(logits, sink_logit)
 
 
-# The variants an export computes: name -> probabilities(logits, **settings). The project's registry
-# (model/variants.py) registers these same functions.
-VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
-    "softmax": softmax, "softmax1": softmax1, "clipped_softmax": clipped_softmax,
-    "clipped_softmax1": clipped_softmax1, "learnable_sink": learnable_sink,
+@dataclass(frozen=True)
+class Exported:
+    """How an export computes one variant: `probabilities(logits, **settings, **head parameter)`, the config.json
+    key and default of each setting (keyword -> (key, default)), and its learned per-head parameter (the
+    attention module's attribute and state-dict leaf name), if it has one."""
+
+    probabilities: Callable[..., torch.Tensor]
+    settings: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    head_param: str | None = None
+
+
+CLIP_SETTINGS = {"gamma": ("clip_gamma", -0.025), "zeta": ("clip_zeta", 1.0)}
+# The one definition of every variant an export computes. model/variants.py registers each from this entry
+# (adding what training alone needs: setting checks, the fused backends), and launcher.export_hf /
+# launcher.import_hf map settings to and from config.json keys through it, so an exported variant is the
+# trained one.
+VARIANTS: dict[str, Exported] = {
+    "softmax": Exported(softmax), "softmax1": Exported(softmax1),
+    "clipped_softmax": Exported(clipped_softmax, CLIP_SETTINGS),
+    "clipped_softmax1": Exported(clipped_softmax1, CLIP_SETTINGS),
+    "learnable_sink": Exported(learnable_sink, head_param="sink_logit"),
 }
-CLIPPED = ("clipped_softmax", "clipped_softmax1")
+GATE_SETTINGS: dict[str, Any] = {"attention_gated": False, "gate_type": "linear", "gate_hidden": 16,
+                                 "gate_init_prob": 0.25}
 # This project's settings in an exported config.json; a config without them is a plain softmax model.
-DEFAULTS: dict[str, Any] = {"attention_variant": "softmax", "clip_gamma": -0.025, "clip_zeta": 1.0,
-                            "attention_gated": False, "gate_type": "linear", "gate_hidden": 16,
-                            "gate_init_prob": 0.25}
+DEFAULTS: dict[str, Any] = {"attention_variant": "softmax",
+                            **{key: default for v in VARIANTS.values() for key, default in v.settings.values()},
+                            **GATE_SETTINGS}
 
 
 def setting(config: Any, name: str) -> Any:
@@ -113,8 +131,9 @@ def attach_variant(module: nn.Module, config: Any, num_heads: int, head_dim: int
     module.variant = setting(config, "attention_variant")
     if module.variant not in VARIANTS:
         raise ValueError(f"unknown attention_variant {module.variant!r} (expected one of {', '.join(VARIANTS)})")
-    module.gamma, module.zeta = setting(config, "clip_gamma"), setting(config, "clip_zeta")
-    module.sink_logit = nn.Parameter(torch.zeros(num_heads)) if module.variant == "learnable_sink" else None
+    exported = VARIANTS[module.variant]
+    module.variant_settings = {keyword: setting(config, key) for keyword, (key, _) in exported.settings.items()}
+    module.sink_logit = nn.Parameter(torch.zeros(num_heads)) if exported.head_param == "sink_logit" else None
     module.gate = (HeadGate(num_heads, head_dim, gate_type=setting(config, "gate_type"),
                             hidden=setting(config, "gate_hidden"), init_prob=setting(config, "gate_init_prob"))
                    if setting(config, "attention_gated") else None)
@@ -151,12 +170,10 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     logits = (torch.matmul(query, key.transpose(-1, -2)) * scaling).float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    settings: dict[str, Any] = {}
-    if module.variant in CLIPPED:
-        settings = {"gamma": module.gamma, "zeta": module.zeta}
-    elif module.sink_logit is not None:
-        settings = {"sink_logit": module.sink_logit.view(-1, 1, 1).float()}
-    probs = VARIANTS[module.variant](logits, **settings).to(value.dtype)
+    settings: dict[str, Any] = dict(module.variant_settings)
+    if module.sink_logit is not None:
+        settings["sink_logit"] = module.sink_logit.view(-1, 1, 1).float()
+    probs = VARIANTS[module.variant].probabilities(logits, **settings).to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 

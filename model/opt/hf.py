@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from common.errors import ProjectError
-from model.hf_adapter import HFAdapter, StateDict
+from model.hf_adapter import HFAdapter, HFSource, StateDict, attention_keys, load_remote, one_line, require
 
 HF_PREFIX = "model."  # transformers' OPTForCausalLM keeps the decoder under `model.decoder.`
+# transformers OPTConfig keys this project's decoder needs at these values: (value, what differs otherwise)
+REQUIRED = {
+    "do_layer_norm_before": (True, "post-LayerNorm blocks, as in facebook/opt-350m"),
+    "_remove_final_layer_norm": (False, "no final LayerNorm"),
+    "activation_function": ("relu", "another activation"),
+    "enable_bias": (True, "linear layers without bias"),
+    "layer_norm_elementwise_affine": (True, "LayerNorms without weights"),
+}
 ATTENTION_WEIGHTS = tuple(f"self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out"))
 ATTENTION_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in ("q", "k", "v", "out"))
 
@@ -17,6 +27,37 @@ class OPTAdapter(HFAdapter):
     remote_class = "OutEffHopOPTForCausalLM"
     stock_class = "OPTForCausalLM"
     auto_class = "AutoModelForCausalLM"
+
+    model_types = ("opt",)
+    default_recipe = "configs/opt_125m.yaml"
+
+    def read_source(self, folder: Path, config: dict[str, Any]) -> HFSource:
+        """Pre-LayerNorm OPT without embedding projection (opt-125m, 1.3b, ...) or an export_hf folder: read
+        through the remote class (transformers' OPT plus the variants' parameters)."""
+        from transformers import OPTConfig
+
+        from model.hf_remote.modeling_outeffhop_opt import OutEffHopOPTForCausalLM
+
+        try:
+            hf = OPTConfig.from_pretrained(str(folder))
+        except Exception as error:
+            raise ProjectError(f"cannot read {folder / 'config.json'}: {one_line(error, 200)}") from None
+        require(folder / "config.json", hf, REQUIRED, "OPT is pre-LayerNorm with ReLU, biases and a final LayerNorm")
+        if hf.word_embed_proj_dim != hf.hidden_size:
+            raise ProjectError(f"{folder / 'config.json'}: word_embed_proj_dim={hf.word_embed_proj_dim} != hidden_size="
+                               f"{hf.hidden_size} (project_in/project_out, as in facebook/opt-350m) is not supported")
+        model = dict(
+            num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_heads=hf.num_attention_heads,
+            ffn_hidden_size=hf.ffn_dim, max_position_embeddings=hf.max_position_embeddings, vocab_size=hf.vocab_size,
+            pad_vocab_to_multiple_of=1, init_std=hf.init_std, dropout=float(hf.dropout),
+            attention_dropout=float(hf.attention_dropout), layer_norm_eps=getattr(hf, "layer_norm_eps", 1e-5),
+            tie_word_embeddings=hf.tie_word_embeddings, attention_bias=True)
+        return HFSource(model, lambda: self._weights(OutEffHopOPTForCausalLM, folder, hf.tie_word_embeddings),
+                        attention_keys(config), tokenizer_dir=folder)
+
+    def _weights(self, model_class: Any, folder: Path, tied: bool) -> StateDict:
+        hf_model, _ = load_remote(model_class, folder)
+        return self.from_hf(hf_model.state_dict(), SimpleNamespace(tie_word_embeddings=tied, attention_bias=True))
 
     def to_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         """`decoder.` -> `model.decoder.`; the head is `lm_head.weight` (the tied embedding when tied)."""

@@ -25,6 +25,7 @@ FINAL_LAYER_NORM = "decoder.final_layer_norm"
 
 
 class OPTSpec(TextFamilySpec):
+    block_types = ("OPTDecoderLayer",)
     name = "opt"
     objective = "causal"  # examples are token blocks [T]; the labels are the block itself, shifted in the model
     causal_lm = True

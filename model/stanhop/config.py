@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError
-from model.config import AttentionConfig
+from model.attention_config import AttentionConfig
 
 # The OutEffHop STanHop study's normalisers (its `--mode`); any other registered variant works too.
 STANHOP_VARIANTS = ("entmax", "softmax", "softmax1", "sparsemax", "clipped_softmax", "clipped_softmax1")

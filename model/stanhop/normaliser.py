@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model import variants
-from model.config import AttentionConfig
+from model.attention_config import AttentionConfig
 
 
 class RegistrySeparation(nn.Module):

@@ -40,6 +40,8 @@ def _windows(cfg: Any, split: str) -> SplitWindows:
 
 
 class StanhopSpec(FamilySpec):
+    block_types = ("STanHopBlock", "DecoderLayer")
+    recompute_modes = ("none", "full")  # Hopfield layers, no MultiHeadAttention core to recompute selectively
     name = "stanhop"
     objective = "forecasting"
     model_config_class = StanhopConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError
-from model.config import AttentionConfig
+from model.attention_config import AttentionConfig
 
 
 @dataclass

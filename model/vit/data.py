@@ -27,6 +27,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 
+from common.cli import detach_library_console_handlers
 from common.errors import ConfigError, ProjectError
 from model.family import Batch
 from model.vit.data_config import ImageDataConfig
@@ -36,6 +37,8 @@ ensure_torchvision_importable()
 from timm.data import Mixup, create_transform  # noqa: E402
 
 datasets.disable_progress_bars()
+# datasets' own stderr handler: its log lines would precede our one `error:` line (common/cli.py).
+detach_library_console_handlers()
 
 Example = tuple[torch.Tensor, int]
 DIGITS_VALIDATION = 297  # held-out digits (the last ones of a fixed permutation): 1,500 train / 297 validation
@@ -60,9 +63,24 @@ def decode(raw: Any, where: str) -> Image.Image:
         else:
             raise ProjectError(f"no image in {where} (got {type(raw).__name__})")
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image, where)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ProjectError(f"corrupt image {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def to_rgb(image: Image.Image, where: str) -> Image.Image:
+    """8-bit RGB. PIL's convert("RGB") clips 16-bit grey levels (0..65535) at 255, so a 16-bit PNG would turn
+    near-white: those are scaled to 8 bits first. Palette images convert through their palette. Float and
+    32-bit integer images have no agreed range: refused in one line."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # PNG: at most 16 bits
+        levels = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
+    elif image.mode in ("I", "F"):
+        raise ProjectError(f"image {where} has mode {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}"
+                           f" pixels without a known range): convert it to 8- or 16-bit")
+    elif image.mode in ("P", "PA") or (image.mode == "L" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 @contextlib.contextmanager
@@ -142,6 +160,11 @@ class StreamedSource(ImageSource):
             try:
                 ds = self._open(hub_split)
                 missing = [f for f in (cfg.image_field, cfg.label_field) if f not in (ds.column_names or [f])]
+                if missing == [cfg.label_field] and self.name.startswith("imagefolder:"):  # datasets adds no
+                    # label column to a folder with a single class folder (or images directly under the split)
+                    raise ProjectError(f"{self.name} split '{hub_split}' has fewer than two class folders: "
+                                       f"image classification wants <data.path>/{hub_split}/<class>/<image> "
+                                       f"with at least two classes")
                 if missing:
                     raise ProjectError(f"{self.name} split '{hub_split}' has no column {missing[0]!r} "
                                        f"(columns: {', '.join(ds.column_names)}; set data.image_field / label_field)")
@@ -299,6 +322,9 @@ def validation_examples(cfg: ImageDataConfig, source: ImageSource, image_size: i
             records.append(record)
     if not records:
         raise ProjectError(f"empty validation split: {source.name} has no examples for data-parallel rank {dp_rank}")
+    for raw, label, where in records:  # every one decodes: found before step 1, not at the first evaluation
+        decode(raw, where)
+        check_label(label, num_classes, where)
     return ImageExamples(records, image_transform(cfg, image_size, training=False), num_classes)
 
 

@@ -4,6 +4,7 @@ augmented (timm's create_transform / RandAugment / Mixup-CutMix arguments, by ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
 from common.errors import ConfigError
@@ -12,6 +13,23 @@ IMAGE_SOURCES = ("digits", "imagefolder", "hub")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # timm.data.IMAGENET_DEFAULT_MEAN / STD
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def check_auto_augment(spec: str) -> None:
+    """The spec parsed exactly as timm's create_transform parses it (rand-*, augmix-*, original*, v0*): timm
+    asserts on an unknown part with an empty AssertionError, at the first training batch."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    builders = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform,
+                "original": auto_augment_transform, "v0": auto_augment_transform}
+    builder = next((b for prefix, b in builders.items() if spec.startswith(prefix)), None)
+    problem = "must be a timm auto-augment spec such as rand-m9-mstd0.5-inc1, augmix-m5-w3, original or v0, or null"
+    if builder is None:
+        raise ConfigError("data.auto_augment", spec, problem)
+    try:
+        builder(spec, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except Exception:  # AssertionError / KeyError / ValueError from timm's parser
+        raise ConfigError("data.auto_augment", spec, problem) from None
 
 
 @dataclass
@@ -78,9 +96,13 @@ class ImageDataConfig:
             raise ConfigError("data.crop_pct", self.crop_pct, "must lie in (0, 1]")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError("data.std", self.std, "must be positive, one value per channel as data.mean")
-        if self.auto_augment is not None and not self.auto_augment.startswith(("rand", "augmix", "original", "v0")):
-            raise ConfigError("data.auto_augment", self.auto_augment,
-                              "must be a timm auto-augment spec such as rand-m9-mstd0.5-inc1, or null")
+        if self.auto_augment is not None:
+            check_auto_augment(self.auto_augment)
+        for key in ("mean", "std"):
+            if not all(math.isfinite(v) for v in getattr(self, key)):
+                raise ConfigError(f"data.{key}", getattr(self, key), "must be finite numbers")
+        if len(self.mean) not in (1, 3):
+            raise ConfigError("data.mean", self.mean, "must have one value per channel (3 for RGB)")
 
     @property
     def mixing(self) -> bool:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from common.errors import ProjectError
-from model.hf_adapter import HFAdapter, StateDict
-from model.vit import timm_names
+from model.hf_adapter import HFAdapter, HFSource, StateDict, attention_keys, load_remote, one_line, require
+import model.vit.timm_names as timm_names
 
 # Project name (regex) -> transformers' ViTForImageClassification name; the rest of a block keeps its suffix.
 _TO_HF = [
@@ -48,8 +48,14 @@ _FROM_HF = [
     (r"^vit\.layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
-REMOTE_FILE = Path(__file__).with_name("modeling_outeffhop_vit.py")
+REMOTE_FILE = Path(__file__).resolve().parents[1] / "hf_remote" / "modeling_outeffhop_vit.py"
 TIMM_ARCHITECTURE = "vit_small_patch16_224"  # a registered timm name; model_args set every dimension
+# transformers ViTConfig keys this project's ViT needs at these values: (value, what differs otherwise)
+REQUIRED = {
+    "hidden_act": ("gelu", "another activation than exact GELU"),
+    "qkv_bias": (True, "attention projections without bias"),
+}
+CLASSIFIER = ("classifier", ("head.",))
 
 
 def _renamed(state: StateDict, rules: list[tuple[str, str]], what: str) -> StateDict:
@@ -66,11 +72,41 @@ def _renamed(state: StateDict, rules: list[tuple[str, str]], what: str) -> State
 
 
 class ViTAdapter(HFAdapter):
-    remote_module = "model.vit.modeling_outeffhop_vit"
+    remote_module = "model.hf_remote.modeling_outeffhop_vit"
     remote_class = "OutEffHopViTForImageClassification"
     stock_class = "ViTForImageClassification"
     auto_class = "AutoModelForImageClassification"
     has_tokenizer = False
+
+    model_types = ("vit",)
+    default_recipe = "configs/vit_s16.yaml"
+
+    def read_source(self, folder: Path, config: dict[str, Any]) -> HFSource:
+        """transformers' ViTForImageClassification (or a headless ViTModel: the classifier is initialised) folder,
+        or timm's hub folder (config.json with `architecture`, as timm's save_for_hf / push_to_hf_hub write it)."""
+        if "architecture" in config and "model_type" not in config:
+            return read_timm_source(folder, config)
+        from transformers import ViTConfig
+
+        try:
+            hf = ViTConfig.from_pretrained(str(folder))
+        except Exception as error:
+            raise ProjectError(f"cannot read {folder / 'config.json'}: {one_line(error, 200)}") from None
+        require(folder / "config.json", hf, REQUIRED, "ViT has exact GELU and biased q/k/v projections")
+        model = dict(image_size=hf.image_size, patch_size=hf.patch_size, in_chans=hf.num_channels,
+                     num_classes=hf.num_labels, num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
+                     num_heads=hf.num_attention_heads, ffn_hidden_size=hf.intermediate_size,
+                     init_std=hf.initializer_range, dropout=float(hf.hidden_dropout_prob),
+                     attention_dropout=float(hf.attention_probs_dropout_prob), layer_norm_eps=hf.layer_norm_eps)
+        return HFSource(model, lambda: self._weights(folder), attention_keys(config), data=_preprocessor(folder),
+                        head=CLASSIFIER)
+
+    def _weights(self, folder: Path) -> StateDict:
+        from model.hf_remote.modeling_outeffhop_vit import OutEffHopViTForImageClassification
+
+        hf_model, missing = load_remote(OutEffHopViTForImageClassification, folder, allowed_missing=("classifier.",))
+        state = self.from_hf(hf_model.state_dict(), None)
+        return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER[1])} if missing else state
 
     def to_hf(self, state: StateDict, model_cfg: Any) -> StateDict:
         return _renamed(state, _TO_HF, "this project's")
@@ -96,14 +132,7 @@ class ViTAdapter(HFAdapter):
         """The extra config.json keys outeffhop_attention.py reads (clipping resolved for patches + class token)."""
         from model import variants
 
-        a, seq_length = cfg.model.attention, cfg.model.seq_length
-        if not variants.get(a.variant).exportable:
-            raise ProjectError(f"attention.variant {a.variant} has no Hugging Face export (outeffhop_attention.py "
-                               f"computes {', '.join(v for v in variants.names() if variants.get(v).exportable)})")
-        clip = a.variant_params(seq_length)
-        return dict(attention_variant=a.variant, clip_gamma=clip.get("gamma", a.gamma), clip_zeta=clip.get("zeta", a.zeta),
-                    attention_gated=a.gated, gate_type=a.gate_type, gate_hidden=a.gate_hidden,
-                    gate_init_prob=a.gate_init_prob, train_seq_length=seq_length)
+        return variants.export_settings(cfg.model.attention, cfg.model.seq_length)
 
     def export_folder(self, cfg: Any, state: StateDict, out: Any, dtype: Any = None) -> Path:
         return export_folder(cfg, state, out, dtype)
@@ -134,12 +163,88 @@ class ViTAdapter(HFAdapter):
         return out
 
 
+def _preprocessor(folder: Path) -> dict[str, Any]:
+    """The data normalisation of transformers' preprocessor_config.json, when the folder has one."""
+    import json
+
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        pre = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ProjectError(f"not valid JSON: {path}") from None
+    return {key: list(pre[name]) for key, name in (("mean", "image_mean"), ("std", "image_std")) if name in pre}
+
+
+def read_timm_source(folder: Path, config: dict[str, Any]) -> HFSource:
+    """timm's VisionTransformer from its hub folder, checked to be the plain ViT this project computes (class-token
+    pooling, learned positions on the patches and the class token, exact GELU, no layer scale, qk-norm or
+    register tokens); the architecture's other settings show up as unexpected parameters on import."""
+    from model.vit.torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    path = folder / "config.json"
+    try:
+        model = timm.create_model(f"local-dir:{folder.absolute()}", pretrained=False)
+    except Exception as error:
+        raise ProjectError(f"cannot build timm model {config.get('architecture')!r} from {path}: {one_line(error)}") from None
+    if type(model) is not VisionTransformer:
+        raise ProjectError(f"{path}: timm architecture {config['architecture']!r} is a {type(model).__name__}, not "
+                           f"timm's plain VisionTransformer")
+    block, embed = model.blocks[0], model.patch_embed
+    act = getattr(block.mlp, "act", None)
+    checks = {
+        "global_pool": (model.global_pool, "token", "pooling other than the class token"),
+        "class_token": (model.cls_token is not None, True, "no class token"),
+        "reg_tokens": (model.num_reg_tokens, 0, "register tokens"),
+        "no_embed_class": (model.no_embed_class, False, "positions without the class token"),
+        "dynamic_img_size": (model.dynamic_img_size, False, "dynamic image size"),
+        "pre_norm": (type(model.norm_pre).__name__, "Identity", "a LayerNorm before the blocks"),
+        "fc_norm": (type(model.fc_norm).__name__, "Identity", "a LayerNorm after pooling"),
+        "act_layer": ((type(act).__name__, getattr(act, "approximate", "none")), ("GELU", "none"),
+                      "another activation than exact GELU"),
+        "block": (type(block).__name__, "Block", "another block type"),
+        "img_size": (embed.img_size[0] == embed.img_size[1] and embed.patch_size[0] == embed.patch_size[1], True,
+                     "non-square images or patches"),
+    }
+    for key, (value, wanted, meaning) in checks.items():
+        if value != wanted:
+            raise ProjectError(f"{path}: {key}={value!r} ({meaning}) is not supported: this project's ViT is timm's "
+                               f"plain VisionTransformer")
+    section = dict(image_size=embed.img_size[0], patch_size=embed.patch_size[0], in_chans=embed.proj.in_channels,
+                   num_classes=model.num_classes, num_layers=len(model.blocks), hidden_size=model.embed_dim,
+                   num_heads=block.attn.num_heads, ffn_hidden_size=block.mlp.fc1.out_features,
+                   layer_norm_eps=model.norm.eps)
+    pretrained = config.get("pretrained_cfg", {})
+    data = {key: list(pretrained[key]) for key in ("mean", "std") if key in pretrained}
+    data.update({key: pretrained[key] for key in ("interpolation", "crop_pct") if key in pretrained})
+
+    def weights() -> StateDict:
+        from timm.models import load_checkpoint
+
+        files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+        if not files:
+            raise ProjectError(f"no weights in {folder} (model.safetensors or pytorch_model.bin)")
+        try:
+            load_checkpoint(model, str(files[0]), strict=True)
+        except Exception as error:
+            raise ProjectError(f"weights in {files[0]} do not match timm's {config['architecture']}: "
+                               f"{one_line(error)}") from None
+        return timm_names.from_timm({k: v.float() for k, v in model.state_dict().items()})
+
+    return HFSource(section, weights, {}, data=data)
+
+
 def export_folder(cfg: Any, state: StateDict, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the export folder (see the module docstring) of a run config and its full state dict; `dtype`
     casts the transformers weights (None: as trained; the timm copy stays fp32)."""
     import json
 
-    from model.vit.modeling_outeffhop_vit import ATTN_IMPLEMENTATION, OutEffHopViTForImageClassification
+    from model.hf_remote.modeling_outeffhop_vit import ATTN_IMPLEMENTATION, OutEffHopViTForImageClassification
 
     adapter, out = ViTAdapter(), Path(out)
     config = adapter.config(cfg, {}, adapter.attention_settings(cfg))

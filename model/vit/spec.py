@@ -28,6 +28,7 @@ FINAL_NORM = "norm"
 
 
 class ViTSpec(FamilySpec):
+    block_types = ("Block",)
     name = "vit"
     objective = "classification"
     model_config_class = ViTConfig

@@ -20,12 +20,7 @@ from torch import nn
 from transformers import ViTConfig
 from transformers.models.vit.modeling_vit import ViTAttention, ViTForImageClassification
 
-try:  # in an exported folder: the shared attention file shipped next to this one
-    from .outeffhop_attention import (VARIANTS, attach_variant, eager_attention, init_variant_weights,
-                                      mask_to_allowed)
-except ImportError:  # inside this project (model/vit/), where the export code imports it from
-    from model.hf_remote.outeffhop_attention import (VARIANTS, attach_variant, eager_attention,
-                                                        init_variant_weights, mask_to_allowed)
+from .outeffhop_attention import VARIANTS, attach_variant, eager_attention, init_variant_weights, mask_to_allowed
 
 try:  # transformers 5: init functions that skip weights loaded from the checkpoint
     from transformers import initialization as init
