@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.config import DataConfig
+from launcher.wandb_logging import WandbConfig
 from model.config import AttentionConfig, ModelConfig
 from model.family import family_of, spec_for
 from common.coerce import coerce as _coerce
@@ -145,6 +146,8 @@ class LoggingConfig:
     progress: bool = True
     # Peak dense TFLOP/s of one accelerator for MFU; null = known GPUs' datasheet value (none on CPU).
     peak_tflops: float | None = None
+    # Weights & Biases (launcher/wandb_logging.py): {mode: online|offline|disabled, project, entity, tags}; off by default.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         if self.log_interval <= 0:
@@ -156,6 +159,7 @@ class LoggingConfig:
             raise ConfigError("logging.run_dir", self.run_dir, "must name a folder")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError("logging.peak_tflops", self.peak_tflops, "must be positive or null")
+        self.wandb.validate()
 
 
 W8A8_WEIGHT_RANGES = ("auto", "mse", "minmax")

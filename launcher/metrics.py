@@ -1,4 +1,5 @@
-"""Where numbers go: TensorBoard scalars, `metrics.jsonl` (one JSON object per record), rank 0 only.
+"""Where numbers go: TensorBoard scalars, `metrics.jsonl` (one JSON object per record) and, with
+`logging.wandb.mode` online or offline, Weights & Biases (launcher/wandb_logging.py); rank 0 only.
 
 Every record carries `segment`: 0 for a run's first start, one more for each later start (a resume).
 After a kill, steps after the last checkpoint are trained again and logged again; for each kind and step
@@ -13,7 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from launcher import json_safe
+from launcher.wandb_logging import WandbConfig, WandbWriter
 
 
 def last_segment(path: Path) -> int:
@@ -30,9 +34,14 @@ def last_segment(path: Path) -> int:
 
 
 class MetricsLogger:
-    def __init__(self, run_path: Path, *, enabled: bool, tensorboard: bool) -> None:
+    """`writers`: TensorBoard's SummaryWriter and the W&B run (when on), both with add_scalar/add_figure/...;
+    `config`: the resolved run config, TensorBoard's text `config` and the W&B run's config."""
+
+    def __init__(self, run_path: Path, *, enabled: bool, tensorboard: bool, wandb: WandbConfig | None = None,
+                 config: dict[str, Any] | None = None, resuming: bool = False) -> None:
         self.enabled = enabled
         self.writer = None
+        self.wandb: WandbWriter | None = None
         self._jsonl = None
         if not enabled:
             return
@@ -44,22 +53,36 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_path / "tb"))
+            if config is not None:
+                self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        if wandb is not None and wandb.enabled:
+            self.wandb = WandbWriter(wandb, run_path, run_path.name, config or {}, resuming)
+
+    @property
+    def writers(self) -> list[Any]:
+        return [w for w in (self.writer, self.wandb) if w is not None]
 
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         """Record `values` as TensorBoard scalars `<kind>/<name>` and as one JSON line."""
         if not self.enabled:
             return
+        scalars = {f"{kind}/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
         if self.writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(f"{kind}/{name}", value, step)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step)  # one W&B row per record
         assert self._jsonl is not None
         record = {"kind": kind, "step": step, "segment": self.segment, "time": time.time(), **values}
         self._jsonl.write(json_safe.dumps(record) + "\n")  # a diverged loss is null, never a bare NaN
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close(exit_code)
+            self.wandb = None
         if self._jsonl is not None:
             self._jsonl.close()

@@ -145,8 +145,17 @@ def read_variant(name: str, overrides: list[str], out: Path, code: int, wall_tim
     return {
         "overrides": overrides, "steps": summary["steps"], "wall_time_s": wall_time_s,
         **{key: last.get(key) for key in metric_keys(metric)}, "worst_module": last.get("worst_module"),
-        "trajectory": [{"step": r["step"], **{key: r.get(key) for key in metric_keys(metric)}} for r in evals],
+        "trajectory": [{"step": r["step"], **{key: r.get(key) for key in metric_keys(metric)},
+                        **({"backcopy_layers": _layer_summary(r["backcopy"])} if r.get("backcopy") else {})}
+                       for r in evals],
     }
+
+
+def _layer_summary(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer of a bigram_backcopy evaluation: the per-head BOS masses and value norms, the residual norms."""
+    keys = ("bos_mass_non_trigger", "bos_mass_trigger", "nothing_mass_non_trigger", "gate_non_trigger",
+            "bos_value_norm", "median_value_norm", "bos_residual_norm", "median_residual_norm")
+    return [{"layer": layer["layer"], **{key: layer.get(key) for key in keys}} for layer in layers]
 
 
 def check_variants(configs: dict[str, Any], out: Path, resume: bool = False) -> None:

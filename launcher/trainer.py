@@ -110,7 +110,9 @@ class Trainer:
                  prep.spec.flops_per_example(self.cfg) / self.example_length,  # FLOPs per token (patch, segment)
                  peak_tflops(self.cfg.logging.peak_tflops))
         self.tokens_per_step, self.flops_token, self.peak = rates
-        metrics = MetricsLogger(self.cfg.run_path, enabled=self.world.is_main, tensorboard=self.cfg.logging.tensorboard)
+        metrics = MetricsLogger(self.cfg.run_path, enabled=self.world.is_main, tensorboard=self.cfg.logging.tensorboard,
+                                wandb=self.cfg.logging.wandb, config=self.cfg.to_dict(),
+                                resuming=prep.resume_from is not None)  # a resumed run continues its W&B run
         self.state = TrainState(self.cfg, self.world, prep.spec, prep.data, self.pm, self.device, metrics,
                                 progress=None, step=step, start_step=step)
         self.stopper = GracefulStop.install()  # main()'s (or the one installed before the imports as a program)
@@ -150,7 +152,7 @@ class Trainer:
         if self.world.is_main:
             (self.cfg.run_path / "summary.json").write_text(json_safe.dumps(summary, indent=2) + "\n")
             print_summary(summary, self.cfg.run_path, self.prep.spec)
-        state.metrics.close()
+        state.metrics.close(exit_code=1 if state.failure is not None else 0)
         RunLock.release_all()
         if state.failure is not None:  # after summary.json: main() prints the one line and exits non-zero
             raise state.failure

@@ -76,10 +76,14 @@ class PeriodicOutlierEval:
             result = {"step": step, **evaluation.to_dict()}
             write_result(step_dir, result)
             self.metrics.log(step, "outliers", evaluation.to_dict())
-            if self.metrics.writer is not None:
+            for writer in self.metrics.writers:  # TensorBoard and W&B get the same scalars, histogram and image
                 from outliers.plots import log_tensorboard
 
-                log_tensorboard(self.metrics.writer, result, evaluation.worst_activations, step)
+                log_tensorboard(writer, result, evaluation.worst_activations, step)
+            if self.metrics.wandb is not None:
+                from launcher.wandb_logging import outlier_table
+
+                self.metrics.wandb.add_table("outliers/modules", *outlier_table(result), step)
             self.last = result
             self.seconds += time.perf_counter() - start
             line = f"step {step}: {one_line(result, self.spec)} [{time.perf_counter() - start:.1f}s]"

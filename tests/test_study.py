@@ -119,7 +119,8 @@ def test_backcopy_study_reports_the_sink_numbers(tmp_path: Path, monkeypatch: py
         sink = sets["attention.variant"] == "softmax"
         for r in records:
             r.update(bos_mass_non_trigger=(0.2 * r["step"] if sink else 0.01), bos_mass_trigger=0.05,
-                     backcopy_loss=1.0 / r["step"], bos_value_norm=4.0 / r["step"] if sink else 4.0)
+                     backcopy_loss=1.0 / r["step"], bos_value_norm=4.0 / r["step"] if sink else 4.0,
+                     backcopy=[{"layer": 0, "bos_residual_norm": 10.0 * r["step"], "bos_mass_non_trigger": [0.5]}])
         metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
         return done
 
@@ -132,6 +133,7 @@ def test_backcopy_study_reports_the_sink_numbers(tmp_path: Path, monkeypatch: py
     saved = json.loads((out / "study.json").read_text())["variants"]
     assert saved["softmax"]["bos_mass_non_trigger"] == 0.8 and saved["softmax1"]["bos_mass_non_trigger"] == 0.01
     assert [p["bos_value_norm"] for p in saved["softmax"]["trajectory"]] == [2.0, 1.0]
+    assert [p["backcopy_layers"][0]["bos_residual_norm"] for p in saved["softmax"]["trajectory"]] == [20.0, 40.0]
     assert "| softmax | 0.800 | 0.050 |" in (out / "study.md").read_text()
     assert (out / "emergence.png").read_bytes()[:4] == b"\x89PNG"
 

