@@ -109,13 +109,3 @@ class WandbWriter:
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
-
-
-def outlier_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The per-module outlier statistics of an evaluation (outliers/report.py) as table columns and rows."""
-    from outliers.stats import layer_of
-
-    columns = ["module", "kind", "layer", "kurtosis", "inf_norm", "kurtosis_rest", "inf_norm_rest"]
-    rows = [[name, stats["kind"], layer_of(name), stats["kurtosis"], stats["inf_norm"], stats.get("kurtosis_rest"),
-             stats.get("inf_norm_rest")] for name, stats in result["modules"].items()]
-    return columns, rows

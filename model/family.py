@@ -158,6 +158,16 @@ class FamilyData:
 
 
 @dataclass(frozen=True)
+class BackcopyTask:
+    """What the task-aware sink metrics (outliers/backcopy.py) split queries by on the Bigram-Backcopy task: the
+    trigger token ids, and the first id of an ordinary (character) token; lower ids are specials (BOS, EOS),
+    counted as neither kind. The family provides it (it knows its data); the evaluation only reads it."""
+
+    trigger_ids: tuple[int, ...]
+    first_token_id: int
+
+
+@dataclass(frozen=True)
 class Metric:
     """A validation metric a family reports next to the loss (`val_<name>` in logs, summary, TensorBoard)."""
 
@@ -236,6 +246,10 @@ class FamilySpec(ABC):
     def validation_examples(self, cfg: RunSettings) -> list[Example]:
         """Every validation example of an outlier evaluation (one process, eval.max_blocks of them)."""
         return self.data(cfg).validation
+
+    def backcopy_task(self, cfg: RunSettings) -> BackcopyTask | None:
+        """The Bigram-Backcopy task's token roles when this run is evaluated on that task alone, else None."""
+        return None
 
     def test_examples(self, cfg: RunSettings, limit: int | None = None) -> list[Example] | None:
         """The test split's examples (all, or `limit` of them), or None for a family without a test split."""

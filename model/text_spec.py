@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from common.errors import ConfigError
-from model.family import FamilyData, FamilySpec, Metric
+from model.family import BackcopyTask, FamilyData, FamilySpec, Metric
 
 
 class TextFamilySpec(FamilySpec):
@@ -37,6 +37,17 @@ class TextFamilySpec(FamilySpec):
         if cfg.data.bos and not self.causal_lm:
             raise ConfigError("data.bos", cfg.data.bos, f"is for causal LMs (model.family=opt); {self.name}'s "
                               "examples already start with [CLS], a fixed first token")
+
+    def backcopy_task(self, cfg: Any) -> BackcopyTask | None:
+        """A causal LM on the bigram_backcopy source alone: its triggers and the char tokenizer's first
+        character id (what the task-aware sink metrics split queries by)."""
+        data = cfg.data
+        if not self.causal_lm or data.source != "bigram_backcopy" or data.sources:
+            return None
+        from data_pipeline.bigram import trigger_token_ids
+        from data_pipeline.char_tokenizer import FIRST_CHAR_ID
+
+        return BackcopyTask(trigger_token_ids(data), FIRST_CHAR_ID)
 
     def check_layout(self, cfg: Any, tensor: int, pipeline: int) -> None:
         for key, size in (("model.num_heads", cfg.num_heads), ("model.ffn_hidden_size", cfg.ffn_hidden_size),

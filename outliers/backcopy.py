@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipeline.char_tokenizer import FIRST_CHAR_ID
 from model.family import family_of
 from outliers.sinks import attention_probabilities
 from outliers.stats import hook_activation
@@ -40,11 +39,11 @@ QUERY_KEYS = ("bos_mass", "nothing_mass", "gate")  # split by query kind: <key>_
 KINDS = ("trigger", "non_trigger")
 
 
-def query_kinds(tokens: torch.Tensor, trigger_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+def query_kinds(tokens: torch.Tensor, trigger_ids: Sequence[int], first_token_id: int) -> dict[str, torch.Tensor]:
     """Bool masks [B, T] of the trigger and non-trigger queries among positions t >= 1 (query 0 sees only
-    BOS) whose token is a character (specials such as EOS are neither)."""
+    BOS) whose token is a character, i.e. at least `first_token_id` (specials such as EOS are neither)."""
     is_trigger = torch.isin(tokens, torch.tensor(list(trigger_ids), device=tokens.device))
-    counted = tokens >= FIRST_CHAR_ID
+    counted = tokens >= first_token_id
     counted[:, 0] = False
     return {"trigger": counted & is_trigger, "non_trigger": counted & ~is_trigger}
 
@@ -59,11 +58,11 @@ def split_query_sums(per_query: torch.Tensor, kinds: dict[str, torch.Tensor]) ->
 
 
 def task_losses(token_losses: torch.Tensor, tokens: torch.Tensor,
-                trigger_ids: Sequence[int]) -> dict[str, tuple[float, float]]:
+                trigger_ids: Sequence[int], first_token_id: int) -> dict[str, tuple[float, float]]:
     """Per-position losses [B, T-1] of the shifted prediction (position t predicts token t+1) of `tokens`
     [B, T] -> {"backcopy": (loss sum, positions), "bigram": (...)}: split by the input token at t."""
-    kinds = query_kinds(tokens[:, :-1], trigger_ids)
-    character_target = tokens[:, 1:] >= FIRST_CHAR_ID
+    kinds = query_kinds(tokens[:, :-1], trigger_ids, first_token_id)
+    character_target = tokens[:, 1:] >= first_token_id
     losses = token_losses.detach().double()
     return {name: (float((losses * (kinds[kind] & character_target)).sum()),
                    float((kinds[kind] & character_target).sum()))
@@ -74,8 +73,8 @@ class BackcopyHooks:
     """Context manager: hooks that accumulate the module docstring's statistics over every forward pass of a
     causal LM (OPT) on bigram_backcopy blocks; `results()` per layer, `summary()` the headline."""
 
-    def __init__(self, model: nn.Module, trigger_ids: Sequence[int]) -> None:
-        self.model, self.trigger_ids = model, tuple(trigger_ids)
+    def __init__(self, model: nn.Module, trigger_ids: Sequence[int], first_token_id: int) -> None:
+        self.model, self.trigger_ids, self.first_token_id = model, tuple(trigger_ids), first_token_id
         spec = family_of(model.config)
         self.attention = spec.attention_modules(model)
         self.residual = spec.residual_streams(model)
@@ -116,7 +115,7 @@ class BackcopyHooks:
     def _kinds(self) -> dict[str, torch.Tensor]:
         if self._tokens is None:
             raise RuntimeError("BackcopyHooks saw an attention call outside a model forward")
-        return query_kinds(self._tokens, self.trigger_ids)
+        return query_kinds(self._tokens, self.trigger_ids, self.first_token_id)
 
     def _attention_hook(self, layer: int) -> Any:
         attn = self.attention[layer]
@@ -156,7 +155,7 @@ class BackcopyHooks:
         tokens = self._tokens
         with torch.no_grad():
             losses, _ = self.model.token_losses(hidden, tokens)
-        for name, (total, count) in task_losses(losses, tokens, self.trigger_ids).items():
+        for name, (total, count) in task_losses(losses, tokens, self.trigger_ids, self.first_token_id).items():
             self.losses[name][0] += total
             self.losses[name][1] += count
 

@@ -76,13 +76,11 @@ class PeriodicOutlierEval:
             result = {"step": step, **evaluation.to_dict()}
             write_result(step_dir, result)
             self.metrics.log(step, "outliers", evaluation.to_dict())
-            for writer in self.metrics.writers:  # TensorBoard and W&B get the same scalars, histogram and image
-                from outliers.plots import log_tensorboard
+            from outliers.plots import log_tensorboard, outlier_table
 
+            for writer in self.metrics.writers:  # TensorBoard and W&B get the same scalars, histogram and image
                 log_tensorboard(writer, result, evaluation.worst_activations, step)
             if self.metrics.wandb is not None:
-                from launcher.wandb_logging import outlier_table
-
                 self.metrics.wandb.add_table("outliers/modules", *outlier_table(result), step)
             self.last = result
             self.seconds += time.perf_counter() - start

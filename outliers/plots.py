@@ -123,3 +123,11 @@ def log_tensorboard(writer: Any, result: dict[str, Any], worst_activations: torc
     writer.add_figure("outliers/per_layer", fig, step)
     plt.close(fig)
     writer.flush()
+
+
+def outlier_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The per-module outlier statistics of an evaluation (outliers/report.py) as table columns and rows."""
+    columns = ["module", "kind", "layer", "kurtosis", "inf_norm", "kurtosis_rest", "inf_norm_rest"]
+    rows = [[name, stats["kind"], layer_of(name), stats["kurtosis"], stats["inf_norm"], stats.get("kurtosis_rest"),
+             stats.get("inf_norm_rest")] for name, stats in result["modules"].items()]
+    return columns, rows

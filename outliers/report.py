@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from model.compile import eager
-from model.family import Batch, FamilySpec, add_sums, family_of
+from model.family import BackcopyTask, Batch, FamilySpec, add_sums, family_of
 from outliers.backcopy import BACKCOPY_KEYS, BackcopyHooks, format_backcopy_table
 from outliers.ptq import PTQSettings, calibrate, quantize_w8a8
 from outliers.sinks import SINK_SUMMARY_KEYS, SinkHooks, format_sink_table, summarize_sinks
@@ -50,8 +50,8 @@ class EvalSettings:
     micro_batch_size: int = 8  # validation sequences per forward pass
     calibration_batch_size: int = 8  # calibration sequences per forward pass (one range update each)
     ptq: PTQSettings | None = field(default_factory=PTQSettings)  # None: FP statistics only
-    # The bigram_backcopy source's trigger token ids: the task-aware sink statistics (outliers/backcopy.py).
-    trigger_ids: tuple[int, ...] | None = None
+    # The Bigram-Backcopy task's token roles (the family's backcopy_task): the task-aware sink statistics.
+    backcopy: BackcopyTask | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, quant: bool = True) -> EvalSettings:
@@ -60,18 +60,8 @@ class EvalSettings:
         ptq = PTQSettings(weight_range=cfg.eval.w8a8_weight_range,
                           act_percentile=cfg.eval.w8a8_act_percentile) if quant else None
         return cls(micro_batch_size=cfg.train.micro_batch_size,
-                   calibration_batch_size=cfg.eval.calibration_batch_size, ptq=ptq, trigger_ids=backcopy_triggers(cfg))
-
-
-def backcopy_triggers(cfg: Any) -> tuple[int, ...] | None:
-    """The trigger token ids when a causal LM is evaluated on the bigram_backcopy source only; else None."""
-    data = getattr(cfg, "data", None)
-    if getattr(data, "source", None) != "bigram_backcopy" or getattr(data, "sources", None) \
-            or not family_of(cfg.model).causal_lm:
-        return None
-    from data_pipeline.bigram import trigger_token_ids
-
-    return trigger_token_ids(data)
+                   calibration_batch_size=cfg.eval.calibration_batch_size, ptq=ptq,
+                   backcopy=family_of(cfg.model).backcopy_task(cfg))
 
 
 @dataclass
@@ -156,7 +146,8 @@ def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_block
 def _evaluate(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
               settings: EvalSettings) -> Evaluation:
     start = time.perf_counter()
-    task = BackcopyHooks(model, settings.trigger_ids) if settings.trigger_ids else contextlib.nullcontext()
+    task = (BackcopyHooks(model, settings.backcopy.trigger_ids, settings.backcopy.first_token_id)
+            if settings.backcopy else contextlib.nullcontext())
     with OutlierHooks(model) as hooks, SinkHooks(model) as sink_hooks, task:
         fp = family_metrics(model, val_blocks, settings.micro_batch_size)
     modules, sinks = hooks.results(), sink_hooks.results()

@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.char_tokenizer import FIRST_CHAR_ID
 from model.config import AttentionConfig, ModelConfig
-from model.family import build_model
+from model.family import BackcopyTask, build_model
 from outliers.backcopy import BACKCOPY_KEYS, BackcopyHooks, query_kinds, split_query_sums, task_losses
 from outliers.report import EvalSettings, evaluate_model, format_table
 
@@ -22,7 +22,7 @@ TOKENS = torch.tensor([[BOS, A, B, T, B, A, B, T, B, A, T, A]])
 
 
 def test_queries_split_by_their_token() -> None:
-    kinds = query_kinds(torch.tensor([[BOS, A, T, EOS, T, B]]), [T])
+    kinds = query_kinds(torch.tensor([[BOS, A, T, EOS, T, B]]), [T], FIRST_CHAR_ID)
     assert kinds["trigger"].tolist() == [[False, False, True, False, True, False]]
     assert kinds["non_trigger"].tolist() == [[False, True, False, False, False, True]]  # BOS and EOS are neither
     per_query = torch.arange(12, dtype=torch.float64).view(1, 2, 6)  # [B, H, T]: head 1 = head 0 + 6
@@ -41,7 +41,7 @@ def test_a_perfect_copier_has_zero_backcopy_loss() -> None:
             logits[0, t, tokens[0, t - 1]] = 1e4  # the character before the trigger
     losses = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), tokens[:, 1:].reshape(-1),
                                                reduction="none").view(1, -1)
-    split = task_losses(losses, tokens, [T])
+    split = task_losses(losses, tokens, [T], FIRST_CHAR_ID)
     assert split["backcopy"] == (pytest.approx(0.0, abs=1e-6), 3.0)
     # non-trigger character inputs with a character target: positions 1, 2, 4, 5, 6, 8, 9 (11 predicts EOS)
     assert split["bigram"][1] == 7.0 and split["bigram"][0] / 7 == pytest.approx(math.log(VOCAB), rel=1e-6)
@@ -67,7 +67,7 @@ def uniform_model(variant: str = "softmax", gated: bool = False, layers: int = 1
 def test_uniform_attention_gives_the_known_split(variant: str, extra: float) -> None:
     model = uniform_model(variant, gated=True)
     triggers, others = [3, 7, 10], [1, 2, 4, 5, 6, 8, 9, 11]
-    with BackcopyHooks(model, [T]) as hooks:
+    with BackcopyHooks(model, [T], FIRST_CHAR_ID) as hooks:
         model(TOKENS)
     (layer,) = hooks.results()
     bos = {kind: sum(1 / (t + 1 + extra) for t in ts) / len(ts) for kind, ts in (("trigger", triggers),
@@ -108,7 +108,7 @@ def test_the_sink_head_is_the_one_with_most_non_trigger_bos_mass() -> None:
         return q
 
     attn.q_proj.forward = query
-    with BackcopyHooks(model, [T]) as hooks:
+    with BackcopyHooks(model, [T], FIRST_CHAR_ID) as hooks:
         model(TOKENS)
     (layer,) = hooks.results()
     assert layer["bos_mass_non_trigger"][1] > 0.99 and layer["bos_mass_trigger"][1] > 0.99
@@ -120,7 +120,7 @@ def test_the_sink_head_is_the_one_with_most_non_trigger_bos_mass() -> None:
 def test_hooked_losses_add_up_to_the_model_loss() -> None:
     model = uniform_model("softmax1", layers=2)
     tokens = torch.cat([TOKENS, torch.tensor([[EOS]])], dim=1)[:, :SEQ]
-    with BackcopyHooks(model, [T]) as hooks, torch.no_grad():
+    with BackcopyHooks(model, [T], FIRST_CHAR_ID) as hooks, torch.no_grad():
         logits = model(tokens)
     losses = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:], reduction="none").double()
     summary = hooks.summary()
@@ -134,7 +134,7 @@ def test_evaluation_result_and_tensorboard_carry_the_task_numbers() -> None:
 
     model = uniform_model("softmax")
     blocks = [TOKENS[0]] * 3
-    result = evaluate_model(model, blocks, None, EvalSettings(micro_batch_size=2, ptq=None, trigger_ids=(T,))).to_dict()
+    result = evaluate_model(model, blocks, None, EvalSettings(micro_batch_size=2, ptq=None, backcopy=BackcopyTask((T,), FIRST_CHAR_ID))).to_dict()
     assert set(BACKCOPY_KEYS) <= set(result) and result["backcopy"][0]["layer"] == 0
     assert "bigram-backcopy sinks per layer and head" in format_table(result)
     plain = evaluate_model(model, blocks, None, EvalSettings(micro_batch_size=2, ptq=None)).to_dict()
