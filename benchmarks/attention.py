@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--eager-max-seq", type=int, default=2048,
-                        help="skip the materialised reference above this length (its memory is quadratic)")
+                        help="skip the materialised reference above this length (its memory is quadratic; 0: always)")
     parser.add_argument("--methods", nargs="*", help="substrings of method names to run (the baseline always runs)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -262,11 +262,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for length in args.seq:
         positive_int("--seq", length, allow_none=False)
-    for flag in ("batch", "heads", "head_dim", "reps", "eager_max_seq"):
+    for flag in ("batch", "heads", "head_dim", "reps"):
         positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag), allow_none=False)
     positive_int("--threads", args.threads)
-    if args.warmup < 0:
-        raise ConfigError("--warmup", args.warmup, "must be >= 0")
+    for flag in ("warmup", "eager_max_seq"):  # 0 is meaningful: no warm-up pass; never the materialised reference
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}", getattr(args, flag), "must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "this machine has no CUDA device (use cpu or auto)")
     if args.dtype is None:

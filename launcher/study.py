@@ -124,7 +124,16 @@ def start_variant(config: str, name: str, overrides: list[str], out: Path, resum
     """Start one variant's training in a subprocess logging to out/<name>.log (appended to on resume)."""
     with open(out / f"{name}.log", "a" if resume else "w") as log:
         return subprocess.Popen(variant_command(config, name, overrides, out, resume), stdout=log,
-                                stderr=subprocess.STDOUT, env=os.environ.copy())
+                                stderr=subprocess.STDOUT, env=variant_env())
+
+
+# A variant is a world of its own: an inherited rendezvous (a launcher's or an allocation's MASTER_PORT) would make
+# variants trained side by side (--jobs) listen on one port; without them each picks a free port.
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def variant_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_ENV}
 
 
 def read_variant(name: str, overrides: list[str], out: Path, code: int, wall_time_s: float,

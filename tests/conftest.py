@@ -57,6 +57,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What torch.distributed's env:// rendezvous reads: an in-process launcher.pretrain.main sets them (and keeps its
+# process group), which every later child process would inherit and try to listen on.
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """A test that trains in-process leaves neither its process group nor its rendezvous variables behind."""
+    saved = {key: os.environ.get(key) for key in RENDEZVOUS_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def run_pretrain(overrides: list[str], *, resume: str = "none", ranks: int = 1,
                  config: str = "configs/opt_tiny.yaml", timeout: int = 300,
                  fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess[str]:

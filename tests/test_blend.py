@@ -145,7 +145,7 @@ def test_hub_kind_streams_a_local_dataset_folder_with_holdout(corpora: dict[str,
 
 
 @pytest.mark.parametrize("entry,message", [
-    ({"source": "files", "train_files": ["x.jsonl"]}, "'data.sources[1].weight' = None: must be a positive number"),
+    ({"source": "files", "train_files": ["x.jsonl"]}, "'data.sources[1].weight' = None: must be a positive finite number"),
     ({"source": "wiki40b", "language": "xx", "weight": 1}, "'data.sources[1].language' = 'xx'"),
     ({"source": "hub", "weight": 1}, "'data.sources[1].hub_path' = None"),
     ({"source": "files", "weight": 1, "seq_length": 8}, "'data.sources[1].seq_length' = 8: unknown key"),
