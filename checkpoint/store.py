@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from common.distributed import barrier
+from common.durable import atomic_write_text, fsync_path
 from common.errors import ProjectError
 
 LATEST = "latest"
@@ -53,25 +54,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entry to stable storage (a directory: its list of names)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)  # the rename itself
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -252,9 +234,9 @@ def save_checkpoint(engine: Any, checkpoint_dir: Path, step: int, rank: int, com
     if rank == 0:
         manifest = {"step": step, "files": records}
         for folder in sorted({(step_dir / name).parent for name in records}, reverse=True):
-            _fsync_path(folder)
-        _atomic_write_text(step_dir / COMPLETE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _atomic_write_text(checkpoint_dir / LATEST, tag)
+            fsync_path(folder)
+        atomic_write_text(step_dir / COMPLETE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(checkpoint_dir / LATEST, tag)
         prune_checkpoints(checkpoint_dir, keep)
     barrier()
     return step_dir

@@ -34,6 +34,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from common.durable import atomic_write_text
 from common.errors import ProjectError
 from data_pipeline.prepared import MANIFEST, read_manifest
 from data_pipeline.tokenizer import open_tokenizer_spec
@@ -176,17 +177,8 @@ def tokenize_shard(job: ShardJob) -> dict[str, Any]:
               "documents_read": read, "documents": documents, "tokens": tokens,
               "bin_bytes": Path(f"{job.prefix}.bin").stat().st_size,
               "idx_bytes": Path(f"{job.prefix}.idx").stat().st_size}
-    _atomic_write(record_path(job.prefix), json.dumps(record, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(record_path(job.prefix), json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -227,7 +219,7 @@ def drop_shard_data(out: Path, name: str, split: str, num_shards: int) -> None:
         prefix = shard_prefix(out, name, split, k, num_shards)
         record = json.loads(record_path(prefix).read_text())
         if not record.get("merged"):
-            _atomic_write(record_path(prefix), json.dumps({**record, "merged": True}, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(record_path(prefix), json.dumps({**record, "merged": True}, indent=1, sort_keys=True) + "\n")
         for ext in ("bin", "idx"):
             Path(f"{prefix}.{ext}").unlink(missing_ok=True)
 
@@ -359,7 +351,7 @@ def prepare(config: str, out: str | Path, *, overrides: tuple[str, ...] = (), wo
             shutil.copyfile(fresh["tokenizer"]["spec"], out / f".{TOKENIZER_FILE}.tmp")
             os.replace(out / f".{TOKENIZER_FILE}.tmp", target)
         fresh["tokenizer"]["file"] = TOKENIZER_FILE
-    _atomic_write(out / MANIFEST, json.dumps(fresh, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(fresh, indent=1, sort_keys=True) + "\n")
 
     spec = fresh["tokenizer"]["spec"]
     if fresh["tokenizer"]["kind"] == "Tokenizer":
@@ -382,7 +374,7 @@ def prepare(config: str, out: str | Path, *, overrides: tuple[str, ...] = (), wo
                 continue
             record = merge_split(out, name, split, num_shards, tokenizer.vocab_size)
             fresh["sources"][name]["splits"][split] = record
-            _atomic_write(out / MANIFEST, json.dumps(fresh, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(out / MANIFEST, json.dumps(fresh, indent=1, sort_keys=True) + "\n")
             drop_shard_data(out, name, split, num_shards)
     return fresh
 
