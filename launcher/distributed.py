@@ -101,6 +101,10 @@ def world_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
     return WorldInfo(rank=0, world_size=1, local_rank=0)
 
 
+# What torch.distributed's env:// rendezvous reads, and export_torch_env sets.
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def export_torch_env(world: WorldInfo, env: dict[str, str] | None = None) -> None:
     """Set what torch.distributed's env:// rendezvous reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
     env = os.environ if env is None else env  # type: ignore[assignment]

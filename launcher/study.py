@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import load_config
+from launcher.distributed import RENDEZVOUS_ENV
 from model import variants
 from model.config import SOFTMAX_VARIANTS
 from common.cli import ArgumentParser, run_command
@@ -127,12 +128,9 @@ def start_variant(config: str, name: str, overrides: list[str], out: Path, resum
                                 stderr=subprocess.STDOUT, env=variant_env())
 
 
-# A variant is a world of its own: an inherited rendezvous (a launcher's or an allocation's MASTER_PORT) would make
-# variants trained side by side (--jobs) listen on one port; without them each picks a free port.
-RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def variant_env() -> dict[str, str]:
+    """A variant is a world of its own: an inherited rendezvous (a launcher's or an allocation's MASTER_PORT)
+    would make variants trained side by side (--jobs) listen on one port; without it each picks a free port."""
     return {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_ENV}
 
 

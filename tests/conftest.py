@@ -57,14 +57,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# What torch.distributed's env:// rendezvous reads: an in-process launcher.pretrain.main sets them (and keeps its
-# process group), which every later child process would inherit and try to listen on.
-RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture(autouse=True)
 def _no_process_group_leaks():
-    """A test that trains in-process leaves neither its process group nor its rendezvous variables behind."""
+    """A test that trains in-process leaves neither its process group nor its rendezvous variables behind: an
+    in-process launcher.pretrain.main sets them, and every later child process would inherit and listen on them."""
+    from launcher.distributed import RENDEZVOUS_ENV
+
     saved = {key: os.environ.get(key) for key in RENDEZVOUS_ENV}
     yield
     import torch.distributed as dist
