@@ -213,7 +213,8 @@ def test_prefetcher_resumes_at_the_next_example_taken(data_cache: Path) -> None:
 
 def test_plan_says_when_data_bounds_the_step() -> None:
     """launcher.plan's data line for opt_125m on 64 H100s: streaming with blocks sharding (every rank tokenizes all
-    ranks' data) bounds the step, documents sharding and prepared data do not."""
+    ranks' data) bounds the step, documents sharding (the default, auto, with several ranks) and prepared data do
+    not."""
     from launcher.config import load_config
     from launcher.planner import data_line, device_named, layout_of, plan_layout
 
@@ -224,6 +225,7 @@ def test_plan_says_when_data_bounds_the_step() -> None:
         return text
 
     streamed = ("data.sources=[]", "data.source=wiki_sample")
-    assert "DATA-BOUND" in line(*streamed, "data.shard_by=blocks") and "prepare the data" in line(*streamed)
-    assert line(*streamed, "data.shard_by=documents").endswith("keeps up")
+    blocks = line(*streamed, "data.shard_by=blocks")
+    assert "DATA-BOUND" in blocks and "prepare the data" in blocks
+    assert line(*streamed, "data.shard_by=documents").endswith("keeps up") and line(*streamed).endswith("keeps up")
     assert line().endswith("data does not bound the step")  # the recipe reads prepared shards
