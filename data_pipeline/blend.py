@@ -2,15 +2,15 @@
 deterministic choice of the source of every block so that each source's share of tokens converges to its weight.
 
 Every block holds data.seq_length tokens, so token shares are block shares. Block g (the global block index
-when the blend is sharded by blocks, the rank's own index when by documents) comes from the source whose cumulative-weight
-interval holds u(g) = frac(offset + g * alpha), alpha = (sqrt(5) - 1) / 2, offset from data.seed: a Weyl
-(golden-ratio) sequence. Its shares converge like O(log n / n), not the O(1 / sqrt n) of random draws, and
+when the blend is sharded by blocks, the rank's own index when by documents) comes from the source whose
+cumulative-weight interval holds u(g) = frac(offset + g * alpha), alpha = (sqrt(5) - 1) / 2, offset from data.seed:
+a Weyl (golden-ratio) sequence. Its shares converge like O(log n / n), not the O(1 / sqrt n) of random draws, and
 every arithmetic subsequence g = k * W + r is again a Weyl sequence (step W * alpha is irrational), so each of
-W data-parallel ranks sees the weights too, whatever W. Sharded by blocks, the choice depends only on g: one process
-and any data-parallel layout read the same blocks in the same order (as a single BlockStream does). Sharded by
-documents (data.shard_by auto or documents with several ranks), every source's documents are split over the ranks
-as in one BlockStream and each rank draws its own blocks' sources from the same sequence: no rank tokenizes a
-document another rank uses.
+W data-parallel ranks sees the weights too, whatever W. Sharded by blocks, the choice depends only on g: one
+process and any data-parallel layout read the same blocks in the same order (as a single BlockStream does).
+Sharded by documents (data.shard_by auto or documents with several ranks), every source's documents are split over
+the ranks as in one BlockStream and each rank draws its own blocks' sources from the same sequence: no rank
+tokenizes a document another rank uses.
 """
 
 from __future__ import annotations

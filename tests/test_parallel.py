@@ -33,7 +33,8 @@ SINGLE = (1, 1, 0)
 
 
 def _train(tmp_path: Path, ranks: int, layouts: list[tuple], dropout: float = 0.0,
-           runs: tuple[str, ...] = (), prepared: Path | None = None, blend: list[dict] | None = None) -> dict[str, dict]:
+           runs: tuple[str, ...] = (), prepared: Path | None = None,
+           blend: list[dict] | None = None) -> dict[str, dict]:
     out = tmp_path / f"layouts_{ranks}_{dropout}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(LAYOUTS=";".join(",".join(map(str, spec)) for spec in layouts), OUT=str(out), DROPOUT=str(dropout),
@@ -76,7 +77,7 @@ def test_layout_matches_single_process(trained: Callable[[int], dict[str, dict]]
 
 
 def _prepared_letters(data_cache: Path, tmp_path: Path) -> Path:
-    """A second prepared source for blends: 200 documents of a few words, the character tokenizer (as prepared_chars)."""
+    """A second prepared source for blends: 200 documents of a few words, character tokenizer (as prepared_chars)."""
     import random
 
     from conftest import prepare_config
@@ -98,8 +99,9 @@ def test_prepared_data_every_layout_matches_single_process(prepared_chars: Path,
     the single process's losses and gradient norms at every step: OPT on one prepared source and on a blend of two
     (megatron-core's BlendedDataset), and BERT's masked-LM examples (data_pipeline's masking per global sample) in
     the layouts with one data-parallel rank (parallel_worker.py says why not DP2)."""
+    letters = _prepared_letters(data_cache, tmp_path)
     blend = [{"name": "wiki", "source": "indexed", "path": str(prepared_chars), "weight": 3},
-             {"name": "letters", "source": "indexed", "path": str(_prepared_letters(data_cache, tmp_path)), "weight": 1}]
+             {"name": "letters", "source": "indexed", "path": str(letters), "weight": 1}]
     expected = _train(tmp_path, 1, [SINGLE], prepared=prepared_chars, blend=blend)["1,1,0"]
     layouts = {"DP2": (1, 1, 0), "TP2": (2, 1, 0), "PP2": (1, 2, 0)}
     got = _train(tmp_path, 2, list(layouts.values()), prepared=prepared_chars, blend=blend)
