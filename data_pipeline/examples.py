@@ -38,26 +38,26 @@ def _block_config(cfg: DataConfig) -> DataConfig:
     return replace(cfg, seq_length=cfg.seq_length - SPECIAL_TOKENS, bos=False)
 
 
-def _blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int,
-            separator_id: int | None = None) -> BlockStream | BlendStream | IndexedStream:
+def _blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, separator_id: int | None = None,
+            split: str = "train") -> BlockStream | BlendStream | IndexedStream:
     """One source's block stream, or the weighted blend of data.sources; prepared data by global sample index."""
     if is_indexed(cfg):
-        return IndexedStream(cfg, tokenizer, "train", dp_rank, dp_world, separator_id=separator_id,
+        return IndexedStream(cfg, tokenizer, split, dp_rank, dp_world, separator_id=separator_id,
                              prefix=block_prefix(cfg, tokenizer))
     if cfg.sources:
-        return BlendStream(blend_parts(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
+        return BlendStream(blend_parts(cfg), tokenizer, split, dp_rank=dp_rank, dp_world=dp_world,
                            separator_id=separator_id)
-    return BlockStream(cfg, tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world, separator_id=separator_id)
+    return BlockStream(cfg, tokenizer, split, dp_rank=dp_rank, dp_world=dp_world, separator_id=separator_id)
 
 
 def train_examples(cfg: DataConfig, objective: str, tokenizer: Any, dp_rank: int = 0, dp_world: int = 1,
-                   vocab_size: int | None = None) -> BlockStream | BlendStream | MLMStream:
-    """The endless, resumable training stream of one data-parallel rank."""
+                   vocab_size: int | None = None, split: str = "train") -> BlockStream | BlendStream | MLMStream:
+    """The endless, resumable training stream of one data-parallel rank (of `split`: calibration's may differ)."""
     _check(cfg, objective)
     if objective == "causal":
-        return _blocks(cfg, tokenizer, dp_rank, dp_world)
+        return _blocks(cfg, tokenizer, dp_rank, dp_world, split=split)
     masker = Masker(tokenizer, MaskingRule.from_config(cfg), vocab_size)
-    blocks = _blocks(_block_config(cfg), tokenizer, dp_rank, dp_world, separator_id=masker.sep_id)
+    blocks = _blocks(_block_config(cfg), tokenizer, dp_rank, dp_world, separator_id=masker.sep_id, split=split)
     return MLMStream(blocks, masker, cfg.seed)  # type: ignore[arg-type]  (a blend has BlockStream's interface)
 
 
@@ -89,8 +89,11 @@ def eval_examples(cfg: DataConfig, objective: str, tokenizer: Any, split: str = 
 
 def calibration_examples(cfg: DataConfig, objective: str, tokenizer: Any, count: int,
                          vocab_size: int | None = None) -> list[torch.Tensor]:
-    """The first `count` training examples from the stream's seeded start: the same on every call."""
-    stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size)
+    """The first `count` examples of the seeded training stream: the same on every call. Prepared data reads its
+    validation split instead (held-out data, in data.seed's order: other samples than validation's fixed-seed
+    first ones unless the split is small); streamed sources read train, as the demo's and study's numbers do."""
+    split = "validation" if is_indexed(cfg) else "train"
+    stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size, split=split)
     return [next(stream) for _ in range(count)]
 
 

@@ -357,6 +357,7 @@ def data_line(cfg: Any, plan: Plan) -> str | None:
     what the configured data mode delivers to it (None without a step time, e.g. on CPU)."""
     if plan.step_time_s is None:
         return None
+    from data_pipeline.config import shard_mode
     from data_pipeline.prepared import is_indexed
 
     dp = plan.layout.data
@@ -364,7 +365,7 @@ def data_line(cfg: Any, plan: Plan) -> str | None:
     if is_indexed(cfg.data):
         return (f"data: each data-parallel rank consumes {consumed / 1e3:,.0f}k tokens/s; prepared data "
                 f"(source: indexed) reads only its own samples, far faster: data does not bound the step")
-    by_blocks = cfg.data.shard_by == "blocks" and dp > 1
+    by_blocks = shard_mode(cfg.data.shard_by, dp) == "blocks" and dp > 1
     delivered = STREAM_TOKENS_PER_CORE_S / (dp if by_blocks else 1)
     mode = (f"streaming with shard_by=blocks (every rank tokenizes all {dp} ranks' data)" if by_blocks
             else "streaming with shard_by=documents" if dp > 1 else "streaming")

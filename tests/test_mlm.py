@@ -98,6 +98,7 @@ def test_train_examples_pack_with_sep_and_resume_exactly(cfg: DataConfig, corpus
 
 
 def test_data_parallel_ranks_see_the_single_process_examples(cfg: DataConfig, tok: Tokenizer) -> None:
+    cfg = replace(cfg, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     single = train_examples(cfg, "mlm", tok)
     ranks = [train_examples(cfg, "mlm", tok, dp_rank=r, dp_world=2) for r in range(2)]
     for _ in range(8):
