@@ -36,8 +36,8 @@ def _compiled_forward(parent_forward: Callable[..., Any]) -> Callable[..., Any]:
                 return compiled(self, *args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as error:
                 failure.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
-                log.warning("train.compile: %s cannot compile (%s): it runs eagerly", type(self).__name__,
-                            failure[0][:200])
+                log.warning("train.compile: %s cannot compile (%s): it runs eagerly",
+                            parent_forward.__qualname__.split(".")[0], failure[0][:200])
         return parent_forward(self, *args, **kwargs)
     return forward
 

@@ -1,5 +1,5 @@
 """ViT under tensor, pipeline and data parallelism (parallel/engine.py, the path of launcher.pretrain): the
-per-step losses and gradient norms of TP2, PP2 and DP2 equal one process.
+per-step losses and gradient norms of TP2, PP2 and DP2 equal one process, and TP2 with train.compile equals eager TP2.
 
 The tests launch this same file under `torch.distributed.run` (see `main`), as tests/test_parallel.py does
 with tests/parallel_worker.py for OPT and BERT: every layout in LAYOUTS trains two tiny ViTs (softmax1, and
@@ -24,6 +24,7 @@ STEPS, MICRO, GLOBAL, CLASSES = 8, 2, 8, 4
 CLIP = 0.2
 SINGLE = (1, 1, 0)
 LAYOUTS = {"TP2": (2, 1, 0), "PP2": (1, 2, 0), "DP2": (1, 1, 0), "TP2-ZeRO1": (2, 1, 1)}
+COMPILED_TP2 = (2, 1, 0, "compile")  # train.compile's blocks under TP2, vit/softmax1 only (compiling is slow)
 
 
 def tiny_vit(attention: dict) -> object:
@@ -42,7 +43,8 @@ def examples() -> list[tuple[torch.Tensor, int]]:
     return [(patterns[c] + 0.5 * torch.randn(3, 8, 8, generator=generator), int(c)) for c in labels]
 
 
-def train_layout(tp: int, pp: int, zero: int, device: torch.device) -> dict[str, dict[str, list[float]]]:
+def train_layout(tp: int, pp: int, zero: int, device: torch.device,
+                 compile: bool = False) -> dict[str, dict[str, list[float]]]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -53,6 +55,8 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device) -> dict[str,
 
     spec, data, results = spec_for("vit"), examples(), {}
     for name, attention in RUNS.items():
+        if compile and name != "vit/softmax1":
+            continue
         cfg = tiny_vit(attention)
         layout = validate_layout(cfg, tensor=tp, pipeline=pp, zero_stage=zero, world_size=dist.get_world_size(),
                                  micro_batch_size=MICRO, global_batch_size=GLOBAL)
@@ -64,7 +68,8 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device) -> dict[str,
             cfg, layout, seq_length=cfg.seq_length, seed=7, ds_config=ds_config,
             make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
             make_scheduler=lambda o: build_scheduler(o, lr=1e-2, min_lr=1e-3, warmup_steps=3, total_steps=STEPS,
-                                                     schedule="cosine"))
+                                                     schedule="cosine"),
+            compile=compile)
         mine = data[ps.get_data_parallel_rank()::layout.data]  # example i to rank i % dp, as the image stream
         stream = (spec.collate(mine[start:start + MICRO]) for start in range(0, len(mine), MICRO))
         steps = [train_step(pm, stream, accumulation, device) for _ in range(STEPS)]
@@ -84,8 +89,8 @@ def main() -> None:
     device = init_process_group()
     results = {}
     for layout in os.environ["LAYOUTS"].split(";"):
-        tp, pp, zero = (int(x) for x in layout.split(","))
-        results[layout] = train_layout(tp, pp, zero, device)
+        tp, pp, zero, *extra = layout.split(",")
+        results[layout] = train_layout(int(tp), int(pp), int(zero), device, compile=extra == ["compile"])
         destroy_model_parallel()  # the next layout builds its own groups
         ds_groups.mpu = None
         dist.barrier()
@@ -94,7 +99,7 @@ def main() -> None:
     dist.barrier()
 
 
-def _launch(tmp_path: Path, ranks: int, layouts: list[tuple[int, int, int]]) -> dict[str, dict]:
+def _launch(tmp_path: Path, ranks: int, layouts: list[tuple[int | str, ...]]) -> dict[str, dict]:
     from conftest import free_port
 
     out = tmp_path / f"vit_layouts_{ranks}.json"
@@ -112,7 +117,7 @@ def _launch(tmp_path: Path, ranks: int, layouts: list[tuple[int, int, int]]) -> 
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("vit_layouts")
     single = _launch(tmp, 1, [SINGLE])
-    return {**single, **_launch(tmp, 2, list(LAYOUTS.values()))}
+    return {**single, **_launch(tmp, 2, [*LAYOUTS.values(), COMPILED_TP2])}
 
 
 @pytest.mark.slow
@@ -128,6 +133,15 @@ def test_vit_layout_matches_single_process(trained: dict[str, dict], layout: str
         assert expected["loss"][-1] < expected["loss"][0] - 0.3, run  # the patterns are learned
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"{run}: loss"
         assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), f"{run}: grad norm"
+
+
+@pytest.mark.slow
+def test_vit_compiled_tensor_parallel_equals_eager(trained: dict[str, dict]) -> None:
+    """train.compile under TP2 (megatron-core's layers and collectives between compiled blocks): the losses of
+    the eager TP2 run within 1e-5."""
+    expected = trained[",".join(map(str, LAYOUTS["TP2"]))]["vit/softmax1"]["loss"]
+    got = trained[",".join(map(str, COMPILED_TP2))]["vit/softmax1"]["loss"]
+    assert got == pytest.approx(expected, rel=0, abs=1e-5)
 
 
 if __name__ == "__main__":
