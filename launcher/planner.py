@@ -24,6 +24,7 @@ from launcher.comm_model import Network, all_gather_s, all_reduce_s, network_for
 from launcher.throughput import PEAK_TFLOPS, cost_model, flops_per_token
 from model import variants
 from model.config import ModelConfig
+from model.family import Section
 from model.recompute import RECOMPUTE_MODES, recompute_mode
 from common.errors import ConfigError
 from model.family import family_of
@@ -234,15 +235,16 @@ def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: in
 
 
 def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, act_bytes: int,
-                          mlm_probability: float) -> tuple[float, float]:
+                          data_cfg: Section | None = None) -> tuple[float, float]:
     """(kept, backward peak extra) bytes of the output end for one micro-batch on the last stage.
 
     The loss keeps fp32 log-probabilities [tokens, V/t] (losses are computed in fp32 whatever the weights);
     backward briefly holds their gradient and the logits' gradient (fp32, + a 16-bit cast): 2-2.5x that.
-    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
-    (gathered hidden, dense out, GELU out, LN out: 4nh)."""
+    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~data.mlm_probability selected
+    tokens (gathered hidden, dense out, GELU out, LN out: 4nh). `data_cfg`: the run's data section, which the
+    family's cost model reads (None: the family's defaults)."""
     x, vocab = seq * micro_batch, m.padded_vocab_size / tp
-    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, mlm_probability)
+    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, data_cfg)
     logprobs = 4 * predicted * vocab
     backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
     return kept_other + logprobs, backward
@@ -250,7 +252,7 @@ def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, a
 
 def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pipeline: int, stage: int,
                      in_flight: int, checkpointing: str | bool, act_bytes: int, device_kind: str,
-                     mlm_probability: float = 0.15) -> float:
+                     data_cfg: Section | None = None) -> float:
     """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B), with
     `checkpointing` one of RECOMPUTE_MODES."""
     mode = recompute_mode(checkpointing)
@@ -267,7 +269,7 @@ def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pip
     if stage == 0 and cost_model(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
         kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
     if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
-        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)
+        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, data_cfg)
         kept += head + backward
     return kept
 
@@ -369,7 +371,7 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
         acts = activation_bytes(m, micro_batch=layout.micro_batch_size, seq=seq, tp=layout.tensor,
                                 pipeline=layout.pipeline, stage=stage, in_flight=in_flight,
                                 checkpointing=layout.activation_checkpointing, act_bytes=act_bytes,
-                                device_kind=device.kind, mlm_probability=cfg.data.mlm_probability)
+                                device_kind=device.kind, data_cfg=cfg.data)
         plan = Plan(layout, device, precision, params, total_params(m), {**states, "activations": acts},
                     stage=stage, in_flight=in_flight, mfu=mfu)
         if best is None or plan.total > best.total:

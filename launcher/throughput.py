@@ -26,8 +26,8 @@ def cost_model(cfg: ModelSection) -> CostModel:
 
 def flops_per_token(cfg: ModelSection, seq_length: int, data_cfg: Section | None = None) -> float:
     """Training FLOPs per token of the model `cfg` describes at this sequence length (the family's accounting,
-    CostModel.flops_per_token, which reads what it needs of the run's data section, e.g. BERT's selected
-    fraction data.mlm_probability; None: the family's defaults)."""
+    CostModel.flops_per_token, which reads what it needs of the run's data section; None: the family's
+    defaults)."""
     return cost_model(cfg).flops_per_token(cfg, seq_length, data_cfg)
 
 

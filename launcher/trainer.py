@@ -192,7 +192,7 @@ class Trainer:
             "completed": failure is None and state.step >= cfg.train.steps,
             "tokens": state.step * self.tokens_per_step, **reported,
             "parameters": self.pm.num_parameters, "model_family": cfg.model.family,
-            "objective": self.pm.family.objective, "attention_variant": cfg.attention.variant,
+            "objective": self.pm.family.objective.name, "attention_variant": cfg.attention.variant,
             "attention_backend": self.backend, "gated": cfg.attention.gated, "world_size": world.world_size,
             "layout": vars(self.prep.layout), "zero_stage": cfg.parallel.zero_stage,
             "wall_time_s": wall, "tokens_per_s": tokens_per_s,

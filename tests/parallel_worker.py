@@ -68,10 +68,11 @@ def prepared_tokens(path: str, dp_rank: int, dp_world: int) -> torch.Tensor:
     """This rank's STEPS x GLOBAL / dp_world blocks of SEQ tokens from prepared data (only its own samples)."""
     from data_pipeline.config import DataConfig
     from data_pipeline.examples import train_examples
+    from model.opt.objective import CAUSAL_LM
     from data_pipeline.tokenizer import load_or_train_tokenizer
 
     cfg = DataConfig(source="indexed", path=path, seq_length=SEQ)
-    stream = train_examples(cfg, "causal", load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world)
+    stream = train_examples(cfg, CAUSAL_LM, load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world)
     return torch.stack([next(stream) for _ in range(STEPS * GLOBAL // dp_world)])
 
 
