@@ -4,8 +4,10 @@
 
 Rows, each measured for --seconds of CPU time of the reading thread (tokens per CPU-second: what one dedicated core
 delivers, also on a busy machine) as rank 0 of a simulated data-parallel size DP:
-  streaming/blocks       BlockStream, shard_by=blocks: every rank tokenizes the whole stream, keeps 1 block in DP
-  streaming/documents    BlockStream, shard_by=documents: each rank tokenizes only its share of the documents
+  streaming/blocks       BlockStream, shard_by=blocks (the default before auto): every rank tokenizes the whole
+                         stream, keeps 1 block in DP
+  streaming/documents    BlockStream, shard_by=documents (what the default, auto, does with DP > 1): each rank
+                         tokenizes only its share of the documents
   streaming/documents+prefetch  the same behind data_pipeline.prefetch's thread, while the consumer simulates the
                          opt_125m-on-H100 steps (block i due at i x the GPU time of a block, sleeping meanwhile;
                          --seconds of wall time): delivered = tokens / wall time the consumer waited in next(),

@@ -49,6 +49,9 @@ FIXED_SECTIONS = ("model.", "attention.", "data.", "parallel.")
 CHANGEABLE = {"attention.backend", "data.cache_dir", "data.prefetch", "parallel.activation_checkpointing",
               "train.compile"}
 FIXED_TRAIN = {"train.micro_batch_size", "train.global_batch_size", "train.precision", "train.seed"}
+# New values that continue whatever the checkpoint had: data.shard_by: auto resumes the stream however it was
+# split (the data state holds that, e.g. blocks from before auto was the default) and so never blocks a resume.
+CONTINUES = {("data.shard_by", "auto")}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -73,7 +76,7 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], defaults: dict[st
     changed = {key: (old_flat.get(key), value) for key, value in sorted(new_flat.items())
                if old_flat.get(key) != value and key != "train.init_from"}  # init_from is ignored on resume
     fixed = {key: change for key, change in changed.items() if key not in CHANGEABLE
-             and (key.startswith(FIXED_SECTIONS) or key in FIXED_TRAIN)}
+             and (key, change[1]) not in CONTINUES and (key.startswith(FIXED_SECTIONS) or key in FIXED_TRAIN)}
     return fixed, {key: change for key, change in changed.items() if key not in fixed}
 
 

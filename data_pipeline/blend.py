@@ -2,12 +2,15 @@
 deterministic choice of the source of every block so that each source's share of tokens converges to its weight.
 
 Every block holds data.seq_length tokens, so token shares are block shares. Block g (the global block index
-for shard_by=blocks, the rank's own index for shard_by=documents) comes from the source whose cumulative-weight
-interval holds u(g) = frac(offset + g * alpha), alpha = (sqrt(5) - 1) / 2, offset from data.seed: a Weyl
-(golden-ratio) sequence. Its shares converge like O(log n / n), not the O(1 / sqrt n) of random draws, and
+when the blend is sharded by blocks, the rank's own index when by documents) comes from the source whose
+cumulative-weight interval holds u(g) = frac(offset + g * alpha), alpha = (sqrt(5) - 1) / 2, offset from data.seed:
+a Weyl (golden-ratio) sequence. Its shares converge like O(log n / n), not the O(1 / sqrt n) of random draws, and
 every arithmetic subsequence g = k * W + r is again a Weyl sequence (step W * alpha is irrational), so each of
-W data-parallel ranks sees the weights too, whatever W. The choice depends only on g: one process and any
-data-parallel layout read the same blocks in the same order (as a single BlockStream does).
+W data-parallel ranks sees the weights too, whatever W. Sharded by blocks, the choice depends only on g: one
+process and any data-parallel layout read the same blocks in the same order (as a single BlockStream does).
+Sharded by documents (data.shard_by auto or documents with several ranks), every source's documents are split over
+the ranks as in one BlockStream and each rank draws its own blocks' sources from the same sequence: no rank
+tokenizes a document another rank uses.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline.config import BlendPart
-from data_pipeline.packing import BlockStream
+from data_pipeline.config import BlendPart, shard_mode
+from data_pipeline.packing import BlockStream, saved_shard_mode
 from data_pipeline.tokenizer import Tokenizer
 from common.errors import ProjectError
 
@@ -45,9 +48,10 @@ class BlendStream:
     BlockStream interface (state_dict / load_state_dict / last_block_id / epoch), so MLM examples, the launcher
     and checkpoints treat it like one source.
 
-    shard_by=blocks: each source is one global BlockStream that every rank reads; global block g is kept by rank
-    g % dp_world, so after every rank has taken n blocks all ranks hold the same state (as BlockStream).
-    shard_by=documents: each source's documents are split over ranks first; states are per rank."""
+    Sharded by blocks (`shard_mode`: data.shard_by blocks, or one rank): each source is one global BlockStream that
+    every rank reads; global block g is kept by rank g % dp_world, so after every rank has taken n blocks all ranks
+    hold the same state (as BlockStream). By documents (auto or documents with several ranks): each source is this
+    rank's documents-sharded BlockStream; states are per rank."""
 
     def __init__(self, parts: list[BlendPart], tokenizer: Tokenizer, split: str = "train", dp_rank: int = 0,
                  dp_world: int = 1, *, separator_id: int | None = None) -> None:
@@ -57,16 +61,21 @@ class BlendStream:
         self.names = [p.name for p in parts]
         self.weights = [p.weight for p in parts]
         self.cumulative = list(accumulate(self.weights))
-        self.shard_by = parts[0].cfg.shard_by
         self.offset = seed_offset(parts[0].cfg.seed)
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        by_blocks = self.shard_by == "blocks"
-        self.streams = [BlockStream(p.cfg, tokenizer, split, 0 if by_blocks else dp_rank, 1 if by_blocks else dp_world,
-                                    separator_id=separator_id) for p in parts]
+        self._tokenizer, self._separator_id = tokenizer, separator_id
+        self.shard_by = shard_mode(parts[0].cfg.shard_by, dp_world)
+        self.streams = self._source_streams()
         self._index = 0  # blocks of the choice sequence consumed (global for blocks, this rank's for documents)
         self._blocks_emitted = 0
         self.counts = [0] * len(parts)  # blocks this rank has taken from each source
         self.last_source: str | None = None
+
+    def _source_streams(self) -> list[BlockStream]:
+        """One stream per source: global (rank 0 of 1) when sharded by blocks, this rank's documents otherwise."""
+        rank, world = (0, 1) if self.shard_by == "blocks" else (self.dp_rank, self.dp_world)
+        return [BlockStream(p.cfg, self._tokenizer, self.split, rank, world, separator_id=self._separator_id)
+                for p in self.parts]
 
     def __iter__(self) -> BlendStream:
         return self
@@ -123,11 +132,18 @@ class BlendStream:
         if len(saved) != len(self.weights) or any(abs(a - b) > 1e-9 for a, b in zip(saved, self.weights)):
             raise ProjectError(f"data state does not match this run: weights are {saved} in the checkpoint but "
                                f"{self.weights} now")
-        for key, now in (("shard_by", self.shard_by),) + ((("dp_world", self.dp_world), ("dp_rank", self.dp_rank))
-                                                          if self.shard_by == "documents" else ()):
-            if state.get(key) != now:
-                raise ProjectError(f"data state does not match this run: {key} is {state.get(key)!r} in the "
-                                   f"checkpoint but {now!r} now")
+        saved_mode = saved_shard_mode(state)
+        if self.parts[0].cfg.shard_by == "auto" and saved_mode in ("blocks", "documents") \
+                and saved_mode != self.shard_by:  # auto continues the stream the checkpoint is a position in
+            self.shard_by = saved_mode
+            self.streams = self._source_streams()
+        for key, saved, now in (("shard_by", saved_mode, self.shard_by),) + (
+                (("dp_world", state.get("dp_world"), self.dp_world), ("dp_rank", state.get("dp_rank"), self.dp_rank))
+                if self.shard_by == "documents" else ()):
+            if saved != now:
+                hint = " (data.shard_by: auto continues either)" if key == "shard_by" else ""
+                raise ProjectError(f"data state does not match this run: {key} is {saved!r} in the "
+                                   f"checkpoint but {now!r} now{hint}")
         try:
             index, emitted = int(state["index"]), int(state["blocks_emitted"])
             counts = [int(c) for c in state["counts"]]

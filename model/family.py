@@ -316,7 +316,8 @@ class FamilySpec(ABC):
 
     @abstractmethod
     def calibration_examples(self, cfg: RunSettings, count: int) -> list[Example]:
-        """The first `count` training examples from the stream's seeded start (W8A8 calibration)."""
+        """The first `count` examples of the seeded training stream (W8A8 calibration; prepared data: its
+        validation split's)."""
 
     def validation_examples(self, cfg: RunSettings) -> list[Example]:
         """Every validation example of an outlier evaluation (one process, eval.max_blocks of them)."""

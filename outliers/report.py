@@ -99,8 +99,9 @@ def model_from_state(cfg: Any, state_dict: Mapping[str, torch.Tensor], device: t
 
 
 def calibration_blocks(cfg: Any) -> list[Any]:
-    """The first eval.calibration_batches x eval.calibration_batch_size examples of the train split (masked
-    for MLM): the same examples on every call (the stream starts from its seeded beginning)."""
+    """The first eval.calibration_batches x eval.calibration_batch_size examples of the train split (prepared
+    data: of its validation split; masked for MLM): the same examples on every call (the stream starts from its
+    seeded beginning)."""
     count = cfg.eval.calibration_batches * cfg.eval.calibration_batch_size
     return family_of(cfg.model).calibration_examples(cfg, count)
 

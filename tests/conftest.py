@@ -82,7 +82,8 @@ def run_pretrain(overrides: list[str], *, resume: str = "none", ranks: int = 1,
     """`python -m launcher.pretrain` (or `deepspeed` for ranks > 1); `fault`: (kind, step) for
     tests/fault_injection.py, one process only."""
     args = ["--config", config, "--resume", resume] + [x for o in overrides for x in ("--set", o)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    from launcher.distributed import RENDEZVOUS_ENV  # an inherited rendezvous would join another run's group
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
     env["PYTHONPATH"] = str(REPO)
     if ranks > 1:  # N ranks on a 2-core machine: one thread each, or they thrash
         env["OMP_NUM_THREADS"] = "1"

@@ -3,8 +3,12 @@ the LAYOUTS env var ("tp,pp,zero[,recompute[,compile]];..."; data parallel fills
 is a parallel.activation_checkpointing mode, `compile` compiles the blocks as train.compile) and write, per
 layout and run, the per-step losses and logged gradient norms as JSON (rank 0). With DROPOUT=p, hidden and
 attention dropout are on and TP layouts also report how far their ranks' replicated weights drifted apart.
-With PREPARED=<a data_pipeline.prepare folder>, the causal runs train on prepared data instead, each data-parallel
-rank reading only its own samples through data_pipeline's IndexedStream (global sample n x dp + rank).
+With PREPARED=<a data_pipeline.prepare folder>, the runs train on prepared data instead, each data-parallel rank
+reading only its own samples through data_pipeline's IndexedStream (global sample n x dp + rank): the OPT runs'
+token blocks, bert/softmax1's masked-LM examples (data_pipeline's masking, seeded per global sample; layouts with
+one data-parallel rank only: the masked count varies per sequence, and the mean loss of a micro-batch is only
+layout-independent where data parallelism does not regroup the micro-batches), and with PREPARED_BLEND=<JSON
+data.sources of prepared folders> an opt/softmax run on that blend (megatron-core's BlendedDataset).
 
 Used by tests/test_parallel.py to compare every layout with the single-process run; it goes through
 parallel/engine.py, the code path of launcher.pretrain. Every mechanism that can differ between layouts is
@@ -64,15 +68,28 @@ def replicated_divergence(module: torch.nn.Module) -> float:
     return worst
 
 
-def prepared_tokens(path: str, dp_rank: int, dp_world: int) -> torch.Tensor:
-    """This rank's STEPS x GLOBAL / dp_world blocks of SEQ tokens from prepared data (only its own samples)."""
+PREPARED_RUNS = ("opt/softmax", "opt/softmax1_gated", "bert/softmax1", "opt/softmax/blend")
+MLM_PROBABILITY = 0.25  # 14 candidate tokens per sequence: no micro-batch of 2 without a masked one
+
+
+def prepared_examples(family: str, dp_rank: int, dp_world: int, blend: bool = False) -> torch.Tensor:
+    """This rank's STEPS x GLOBAL / dp_world examples of SEQ tokens from prepared data (only its own samples):
+    token blocks, or BERT's [2, SEQ] masked examples; from PREPARED or the PREPARED_BLEND blend."""
     from data_pipeline.config import DataConfig
     from data_pipeline.examples import train_examples
-    from model.opt.objective import CAUSAL_LM
     from data_pipeline.tokenizer import load_or_train_tokenizer
+    from model.bert.data_config import BertDataConfig
+    from model.bert.objective import MASKED_LM
+    from model.opt.objective import CAUSAL_LM
 
-    cfg = DataConfig(source="indexed", path=path, seq_length=SEQ)
-    stream = train_examples(cfg, CAUSAL_LM, load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world)
+    bert = family == "bert"
+    data_class = BertDataConfig if bert else DataConfig  # BERT's data section holds its masking settings
+    cfg = (data_class(sources=json.loads(os.environ["PREPARED_BLEND"]), seq_length=SEQ) if blend else
+           data_class(source="indexed", path=os.environ["PREPARED"], seq_length=SEQ,
+                      **({"mlm_probability": MLM_PROBABILITY} if bert else {})))
+    objective = MASKED_LM if bert else CAUSAL_LM
+    stream = train_examples(cfg, objective, load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world,
+                            vocab_size=VOCAB)
     return torch.stack([next(stream) for _ in range(STEPS * GLOBAL // dp_world)])
 
 
@@ -86,8 +103,10 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device, dropout: flo
     # Learnable sequences (each token one more than the last, from a random start), so every run must improve.
     starts = torch.randint(0, VOCAB, (STEPS * GLOBAL, 1), generator=torch.Generator().manual_seed(0))
     tokens = (starts + torch.arange(SEQ)) % VOCAB
-    for name, (family, attention) in RUNS.items():
-        if (runs and name not in runs) or (prepared and family != "opt"):
+    named = {**RUNS, "opt/softmax/blend": RUNS["opt/softmax"]} if os.environ.get("PREPARED_BLEND") else RUNS
+    for name, (family, attention) in named.items():
+        if (runs and name not in runs) or (prepared and name not in PREPARED_RUNS) or \
+                (not prepared and name.endswith("/blend")):
             continue
         data = mlm_examples(tokens) if family == "bert" else tokens
         cfg = ModelConfig(family=family, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64,
@@ -96,6 +115,8 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device, dropout: flo
                           attention=AttentionConfig(**attention))
         layout = validate_layout(cfg, tensor=tp, pipeline=pp, zero_stage=zero, world_size=dist.get_world_size(),
                                  micro_batch_size=MICRO, global_batch_size=GLOBAL)
+        if prepared and family == "bert" and layout.data > 1:  # see the module docstring
+            continue
         accumulation = GLOBAL // (MICRO * layout.data)
         ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
                      "gradient_accumulation_steps": accumulation, "gradient_clipping": CLIP,
@@ -108,7 +129,7 @@ def train_layout(tp: int, pp: int, zero: int, device: torch.device, dropout: flo
             activation_checkpointing=recompute, compile=compile)
         dp_rank = ps.get_data_parallel_rank()
         if prepared:
-            mine = prepared_tokens(prepared, dp_rank, layout.data)
+            mine = prepared_examples(family, dp_rank, layout.data, blend=name.endswith("/blend"))
         else:
             mine = data[dp_rank::layout.data]  # block sharding, as data_pipeline's shard_by=blocks
 

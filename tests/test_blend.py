@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_pipeline.blend import BlendStream
-from data_pipeline.config import DataConfig, blend_parts
+from data_pipeline.config import SHARD_BY as SHARD_MODES, DataConfig, blend_parts
 from data_pipeline.examples import eval_examples, eval_examples_by_source, train_examples
 from data_pipeline.tokenizer import load_or_train_tokenizer
 from model.bert.objective import MASKED_LM
@@ -78,7 +78,7 @@ def test_token_shares_follow_weights_globally_and_per_rank(corpora: dict[str, Pa
 
 
 def test_layouts_read_the_same_blocks_and_seed_changes_order(corpora: dict[str, Path]) -> None:
-    cfg = blend_config(corpora)
+    cfg = blend_config(corpora, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     tokenizer = load_or_train_tokenizer(cfg)
     single = train_examples(cfg, CAUSAL_LM, tokenizer)
     expected = [next(single) for _ in range(40)]
@@ -107,6 +107,76 @@ def test_blend_resumes_exactly(corpora: dict[str, Path], shard_by: str) -> None:
                            dp_rank=1, dp_world=2)
     with pytest.raises(ProjectError, match="weights are"):
         other.load_state_dict(state)
+
+
+class RecordingTokenizer:
+    """A tokenizer that records every text it encodes: what one rank tokenized."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer, self.texts = tokenizer, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return self._tokenizer.encode(text)
+
+
+def test_default_sharding_gives_every_rank_its_own_documents(corpora: dict[str, Path]) -> None:
+    """data.shard_by: auto (the default) on 2 ranks: through a whole epoch of each blend source the ranks tokenize
+    disjoint sets of documents whose union is the corpus, where blocks sharding tokenizes everything on every rank;
+    resume is exact; one rank reads the blocks stream itself; a blocks checkpoint continues as blocks under auto."""
+    cfg = blend_config(corpora, shuffle=False)  # the same share per epoch: shares are sets to compare
+    assert cfg.shard_by == "auto" and DataConfig().shard_by == "auto"
+    tokenizer = load_or_train_tokenizer(cfg)
+    corpus = {json.loads(line)["text"].strip() for key in ("a_train", "z_train")
+              for line in corpora[key].read_text().splitlines()}
+    for shard_by in ("auto", "blocks"):
+        recorders = [RecordingTokenizer(tokenizer) for _ in range(2)]
+        streams = [train_examples(replace(cfg, shard_by=shard_by), CAUSAL_LM, recorders[r], dp_rank=r, dp_world=2)
+                   for r in range(2)]
+        while min(stream.epoch for stream in streams) < 1:  # every rank's every source through its first epoch
+            for stream in streams:
+                next(stream)
+        shares = [set(recorder.texts) for recorder in recorders]
+        if shard_by == "auto":
+            assert streams[0].state_dict()["shard_by"] == "documents"
+            assert not shares[0] & shares[1] and shares[0] | shares[1] == corpus
+        else:
+            assert shares[0] == shares[1] == corpus
+
+    ranked = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
+    for _ in range(100):
+        next(ranked)
+    state = json.loads(json.dumps(ranked.state_dict()))
+    expected = [next(ranked) for _ in range(50)]
+    resumed = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, next(resumed)) for a in expected)
+
+    blocks_cfg = replace(cfg, shard_by="blocks")  # one rank: auto, documents and blocks are one stream
+    single = {mode: train_examples(replace(cfg, shard_by=mode), CAUSAL_LM, tokenizer) for mode in SHARD_MODES}
+    first = {mode: [next(stream) for _ in range(60)] for mode, stream in single.items()}
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*first.values()))
+    assert len({json.dumps(stream.state_dict()) for stream in single.values()}) == 1
+
+    old = train_examples(blocks_cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)  # e.g. before auto was the default
+    for _ in range(40):
+        next(old)
+    continued = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
+    continued.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert all(torch.equal(next(old), next(continued)) for _ in range(40))
+    with pytest.raises(ProjectError, match="shard_by is 'blocks' in the checkpoint but 'documents' now"):
+        train_examples(replace(cfg, shard_by="documents"), CAUSAL_LM, tokenizer, dp_rank=1,
+                       dp_world=2).load_state_dict(old.state_dict())
+    source = blend_parts(blocks_cfg)[0].cfg  # one source (a BlockStream) continues the same way
+    old = train_examples(source, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
+    for _ in range(20):
+        next(old)
+    continued = train_examples(replace(source, shard_by="auto"), CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
+    continued.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert all(torch.equal(next(old), next(continued)) for _ in range(20))
 
 
 def test_mlm_examples_and_validation_per_source(corpora: dict[str, Path]) -> None:

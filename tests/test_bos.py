@@ -77,6 +77,7 @@ def test_resume_gives_identical_blocks(setup, shard_by: str) -> None:
 
 def test_data_parallel_ranks_interleave_to_the_single_stream(setup) -> None:
     cfg, tok, _ = setup
+    cfg = replace(cfg, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     single = _take(BlockStream(cfg, tok), 20)
     ranks = [_take(BlockStream(cfg, tok, dp_rank=r, dp_world=2), 10) for r in range(2)]
     assert [b for pair in zip(*ranks) for b in pair] == single

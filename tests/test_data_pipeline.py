@@ -365,6 +365,7 @@ def test_state_mismatch_is_refused(files_cfg, tok):
 # ------------------------------------------------------------------------------------------- sharding
 
 def test_block_sharding_matches_single_process(files_cfg, tok):
+    files_cfg = replace(files_cfg, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     single = batch_iterator(BlockStream(files_cfg, tok), 4)
     ranks = [BlockStream(files_cfg, tok, dp_rank=r, dp_world=2) for r in range(2)]
     per_rank = [batch_iterator(s, 2) for s in ranks]

@@ -100,6 +100,7 @@ def test_train_examples_pack_with_sep_and_resume_exactly(cfg: BertDataConfig, co
 
 
 def test_data_parallel_ranks_see_the_single_process_examples(cfg: BertDataConfig, tok: Tokenizer) -> None:
+    cfg = replace(cfg, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     single = train_examples(cfg, MASKED_LM, tok)
     ranks = [train_examples(cfg, MASKED_LM, tok, dp_rank=r, dp_world=2) for r in range(2)]
     for _ in range(8):

@@ -33,11 +33,13 @@ SINGLE = (1, 1, 0)
 
 
 def _train(tmp_path: Path, ranks: int, layouts: list[tuple], dropout: float = 0.0,
-           runs: tuple[str, ...] = (), prepared: Path | None = None) -> dict[str, dict]:
+           runs: tuple[str, ...] = (), prepared: Path | None = None,
+           blend: list[dict] | None = None) -> dict[str, dict]:
     out = tmp_path / f"layouts_{ranks}_{dropout}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(LAYOUTS=";".join(",".join(map(str, spec)) for spec in layouts), OUT=str(out), DROPOUT=str(dropout),
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RUNS=",".join(runs), PREPARED=str(prepared or ""))
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RUNS=",".join(runs), PREPARED=str(prepared or ""),
+               PREPARED_BLEND=json.dumps(blend) if blend else "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_port", str(free_port()), str(WORKER)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -74,18 +76,45 @@ def test_layout_matches_single_process(trained: Callable[[int], dict[str, dict]]
         assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), f"{run}: grad norm"
 
 
+def _prepared_letters(data_cache: Path, tmp_path: Path) -> Path:
+    """A second prepared source for blends: 200 documents of a few words, character tokenizer (as prepared_chars)."""
+    import random
+
+    from conftest import prepare_config
+    from data_pipeline.prepare import prepare
+
+    rng, words = random.Random(3), ["zebra", "quartz", "jovial", "kiwi", "vex", "fjord", "glyph", "nymph"]
+    docs = tmp_path / "letters.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))}) + "\n"
+                            for _ in range(200)))
+    config = prepare_config(tmp_path / "letters.yaml", data_cache, source="files", train_files=[str(docs)])
+    prepare(str(config), tmp_path / "letters", num_shards=1, splits=("train",), progress=False)
+    return tmp_path / "letters" / "files"
+
+
 @pytest.mark.slow
-def test_prepared_data_every_layout_matches_single_process(prepared_chars: Path, tmp_path: Path) -> None:
+def test_prepared_data_every_layout_matches_single_process(prepared_chars: Path, data_cache: Path,
+                                                           tmp_path: Path) -> None:
     """Prepared (indexed) data: DP2, TP2 and PP2, each data-parallel rank reading only its own global samples, give
-    the single process's losses and gradient norms at every step."""
-    expected = _train(tmp_path, 1, [SINGLE], prepared=prepared_chars)["1,1,0"]
+    the single process's losses and gradient norms at every step: OPT on one prepared source and on a blend of two
+    (megatron-core's BlendedDataset), and BERT's masked-LM examples (data_pipeline's masking per global sample) in
+    the layouts with one data-parallel rank (parallel_worker.py says why not DP2)."""
+    letters = _prepared_letters(data_cache, tmp_path)
+    blend = [{"name": "wiki", "source": "indexed", "path": str(prepared_chars), "weight": 3},
+             {"name": "letters", "source": "indexed", "path": str(letters), "weight": 1}]
+    expected = _train(tmp_path, 1, [SINGLE], prepared=prepared_chars, blend=blend)["1,1,0"]
     layouts = {"DP2": (1, 1, 0), "TP2": (2, 1, 0), "PP2": (1, 2, 0)}
-    got = _train(tmp_path, 2, list(layouts.values()), prepared=prepared_chars)
-    assert list(expected) == ["opt/softmax", "opt/softmax1_gated"]
+    got = _train(tmp_path, 2, list(layouts.values()), prepared=prepared_chars, blend=blend)
+    assert list(expected) == ["opt/softmax", "opt/softmax1_gated", "bert/softmax1", "opt/softmax/blend"]
+    assert expected["opt/softmax/blend"]["loss"][1:] != expected["opt/softmax"]["loss"][1:]  # other data
     for layout, spec in layouts.items():
+        runs = got[",".join(map(str, spec))]
+        assert ("bert/softmax1" in runs) == (layout != "DP2"), layout
         for run, reference in expected.items():
-            assert reference["loss"][-1] < reference["loss"][0], run  # prepared text is learnable too
-            runs = got[",".join(map(str, spec))]
+            if run.startswith("opt/"):
+                assert reference["loss"][-1] < reference["loss"][0], run  # prepared text is learnable too
+            if run not in runs:
+                continue
             assert runs[run]["loss"] == pytest.approx(reference["loss"], rel=1e-5), f"{layout} {run}: loss"
             assert runs[run]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), f"{layout} {run}"
 

@@ -215,7 +215,8 @@ def test_prefetcher_resumes_at_the_next_example_taken(data_cache: Path) -> None:
 
 def test_plan_says_when_data_bounds_the_step() -> None:
     """launcher.plan's data line for opt_125m on 64 H100s: streaming with blocks sharding (every rank tokenizes all
-    ranks' data) bounds the step, documents sharding and prepared data do not."""
+    ranks' data) bounds the step, documents sharding (the default, auto, with several ranks) and prepared data do
+    not."""
     from launcher.config import load_config
     from launcher.planner import data_line, device_named, layout_of, plan_layout
 
@@ -226,6 +227,52 @@ def test_plan_says_when_data_bounds_the_step() -> None:
         return text
 
     streamed = ("data.sources=[]", "data.source=wiki_sample")
-    assert "DATA-BOUND" in line(*streamed, "data.shard_by=blocks") and "prepare the data" in line(*streamed)
-    assert line(*streamed, "data.shard_by=documents").endswith("keeps up")
+    blocks = line(*streamed, "data.shard_by=blocks")
+    assert "DATA-BOUND" in blocks and "prepare the data" in blocks
+    assert line(*streamed, "data.shard_by=documents").endswith("keeps up") and line(*streamed).endswith("keeps up")
     assert line().endswith("data does not bound the step")  # the recipe reads prepared shards
+
+
+def test_validation_and_calibration_read_the_prepared_validation_split(data_cache: Path, tmp_path: Path) -> None:
+    """A prepared folder whose train split is written with the letters a-m only and its validation split with n-z:
+    training reads a-m, while the validation examples and the outlier / W8A8 evaluation's calibration examples
+    (the family spec's, what outliers.report and launcher.evaluate use) are validation text, for OPT and BERT."""
+    import json
+    import random
+
+    from data_pipeline.prepare import prepare
+    from launcher.config import config_from_dict
+    from model.family import family_of
+
+    rng = random.Random(0)
+
+    def documents(path: Path, letters: str) -> str:
+        words = lambda: " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 8)))  # noqa: E731
+                                 for _ in range(rng.randint(20, 40)))
+        path.write_text("".join(json.dumps({"text": words()}) + "\n" for _ in range(60)))
+        return str(path)
+
+    config = prepare_config(tmp_path / "data.yaml", data_cache, source="files",
+                            train_files=[documents(tmp_path / "train.jsonl", "abcdefghijklm")],
+                            validation_files=[documents(tmp_path / "validation.jsonl", "nopqrstuvwxyz")])
+    prepare(str(config), tmp_path / "out", num_shards=1, progress=False)
+
+    def letters(examples: list[torch.Tensor], tokenizer) -> set[str]:
+        seen: set[str] = set()
+        for example in examples:
+            ids = example if example.dim() == 1 else torch.where(example[1] != -100, example[1], example[0])
+            seen |= set(tokenizer.decode(ids.tolist()))  # the character vocabulary decodes special ids to ""
+        return seen - {" ", "\n"}
+
+    model = {"num_layers": 1, "hidden_size": 32, "num_heads": 4, "ffn_hidden_size": 64, "max_position_embeddings": 32,
+             "vocab_size": 128}
+    for family in ("opt", "bert"):
+        cfg = config_from_dict({"model": {"family": family, **model}, "eval": {"max_blocks": 8},
+                                "data": {"source": "indexed", "path": str(tmp_path / "out" / "files"), "seq_length": 32,
+                                         "cache_dir": str(data_cache)}})
+        spec = family_of(cfg.model)
+        tokenizer = spec.tokenizer(cfg)
+        train = spec.data(cfg).train
+        assert letters([next(train) for _ in range(8)], tokenizer) <= set("abcdefghijklm"), family
+        for examples in (spec.calibration_examples(cfg, 8), spec.validation_examples(cfg)):
+            assert len(examples) == 8 and set() < letters(examples, tokenizer) <= set("nopqrstuvwxyz"), family

@@ -58,8 +58,11 @@ def single_process_losses(data_cache: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_two_data_parallel_ranks_match_single_process(data_cache: Path, tmp_path: Path, zero_stage: int,
                                                       single_process_losses: dict[int, float]) -> None:
+    # shard_by=blocks: both ranks read the global stream, so step k is the single process's global batch (the
+    # default, auto, shards documents: each rank packs its own, tests/test_blend.py's documents tests).
     dp = tiny_overrides(data_cache, tmp_path, **{"train.steps": 4, "parallel.zero_stage": zero_stage,
-                                                 "logging.run_name": "dp2", "train.micro_batch_size": 2})
+                                                 "logging.run_name": "dp2", "train.micro_batch_size": 2,
+                                                 "data.shard_by": "blocks"})
     result = run_pretrain(dp, ranks=2)
     _assert_ok(result)
     assert json.loads((tmp_path / "dp2" / "summary.json").read_text())["world_size"] == 2

@@ -76,3 +76,17 @@ def test_keys_added_to_or_dropped_from_the_schema_since_the_checkpoint_do_not_bl
     new["train"]["lr"] *= 2
     fixed, changeable = config_changes(saved, new, RunConfig().to_dict())
     assert list(fixed) == ["data.seq_length"] and list(changeable) == ["train.lr"]
+
+
+def test_shard_by_auto_continues_a_checkpoint_of_either_sharding() -> None:
+    """data.shard_by's default became auto: a checkpoint written with blocks (the old default) or documents resumes
+    under auto (its data state says how the stream was split and auto continues it: tests/test_blend.py); a change
+    between the explicit modes is refused."""
+    defaults = RunConfig().to_dict()
+    for mode in ("blocks", "documents"):
+        saved = RunConfig().to_dict()
+        saved["data"]["shard_by"] = mode
+        assert config_changes(saved, RunConfig().to_dict(), defaults) == ({}, {"data.shard_by": (mode, "auto")})
+    saved, new = RunConfig().to_dict(), RunConfig().to_dict()
+    saved["data"]["shard_by"], new["data"]["shard_by"] = "blocks", "documents"
+    assert list(config_changes(saved, new, defaults)[0]) == ["data.shard_by"]

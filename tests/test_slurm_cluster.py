@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 300  # long enough (seconds) that a signal sent after step 2 lands mid-run, also on a loaded machine
 # DP2 needs global = micro x 2; no periodic eval, outliers or checkpoints: only what a stop or the end writes.
+# shard_by=blocks: the DP2 reference then reads the TP2 job's (one data-parallel rank's) global batches too.
 RUN = {"train.steps": STEPS, "train.micro_batch_size": 2, "train.global_batch_size": 4, "eval.interval": STEPS,
-       "train.checkpoint_interval": 1000, "eval.outlier_interval": "null"}
+       "train.checkpoint_interval": 1000, "eval.outlier_interval": "null", "data.shard_by": "blocks"}
 
 
 def _strict_json(path: Path) -> dict[str, Any]:

@@ -34,10 +34,11 @@ def _block_config(cfg: DataConfig) -> DataConfig:
 class MaskedLM(TextObjective):
     name = "mlm"
 
-    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, vocab_size: int | None) -> Any:
+    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, vocab_size: int | None,
+              split: str = "train") -> Any:
         settings = _settings(cfg)
         masker = Masker(tokenizer, settings.masking_rule(), vocab_size)
-        blocks = train_blocks(_block_config(cfg), tokenizer, dp_rank, dp_world, separator_id=masker.sep_id)
+        blocks = train_blocks(_block_config(cfg), tokenizer, dp_rank, dp_world, separator_id=masker.sep_id, split=split)
         return MLMStream(blocks, masker, cfg.seed)  # type: ignore[arg-type]  (a blend has BlockStream's interface)
 
     def evaluate(self, cfg: DataConfig, tokenizer: Any, split: str, dp_rank: int, dp_world: int,

@@ -14,8 +14,9 @@ from data_pipeline.examples import TextObjective, eval_blocks, train_blocks
 class CausalLM(TextObjective):
     name = "causal"
 
-    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, vocab_size: int | None) -> Any:
-        return train_blocks(cfg, tokenizer, dp_rank, dp_world)
+    def train(self, cfg: DataConfig, tokenizer: Any, dp_rank: int, dp_world: int, vocab_size: int | None,
+              split: str = "train") -> Any:
+        return train_blocks(cfg, tokenizer, dp_rank, dp_world, split=split)
 
     def evaluate(self, cfg: DataConfig, tokenizer: Any, split: str, dp_rank: int, dp_world: int,
                  max_blocks: int | None, vocab_size: int | None) -> list[torch.Tensor]:
