@@ -43,8 +43,10 @@ def peak_tflops(configured: float | None) -> float | None:
     return None
 
 
-def throughput_metrics(tokens_per_s: float, flops_token: float, devices: int, peak: float | None) -> dict[str, float]:
-    tflops = tokens_per_s * flops_token / devices / 1e12
+def throughput_metrics(per_s: float, flops_per_unit: float, devices: int, peak: float | None) -> dict[str, float]:
+    """TFLOP/s per device (and MFU against `peak`) of `per_s` units a second (tokens, images, windows: the
+    family's Throughput unit) at `flops_per_unit` training FLOPs each."""
+    tflops = per_s * flops_per_unit / devices / 1e12
     values = {"tflops_per_device": tflops}
     if peak:
         values["mfu"] = tflops / peak

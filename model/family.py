@@ -200,12 +200,13 @@ class NamedObjective:
 
 @dataclass(frozen=True)
 class Throughput:
-    """How a family counts what it trains on (the training log's and summary's `<unit>_per_s` and `<unit>`s):
-    text families count tokens, an image family images, a forecasting family windows. `per_example`: how many
-    units one example is (a token block: data.seq_length; one image or window: 1)."""
+    """How a family counts what it trains on (the training log's and summary's `<unit>_per_s` and `<unit>`, and
+    the FLOPs per unit behind TFLOP/s and MFU): text families count tokens, an image family images, a
+    forecasting family windows."""
 
     unit: str  # plural, e.g. "tokens", "images", "windows"
-    per_example: Callable[[RunSettings], int]
+    # How many units one example is (one image or window: 1); None: its positions, FamilySpec.example_length
+    per_example: Callable[[RunSettings], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ class FamilySpec(ABC):
     objective: ClassVar[Objective]  # what the family trains for (the summary's `objective` is its name)
     metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
     # What the training log's throughput counts (`tokens_per_s` for text; the family names its own unit)
-    throughput: ClassVar[Throughput] = Throughput("tokens", lambda cfg: int(cfg.data.seq_length))
+    throughput: ClassVar[Throughput] = Throughput("tokens")
     # The pieces a parallel layout needs; None: the family refuses that layout in one line (check_layout)
     tensor_parallel: ClassVar[TensorSplit | None] = TensorSplit()
     pipeline_stages: ClassVar[PipelineStages | None] = None

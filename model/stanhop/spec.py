@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from model.family import Batch, FamilyData, FamilySpec, Metric, NamedObjective
+from model.family import Batch, FamilyData, FamilySpec, Metric, NamedObjective, Throughput
 from model.layers import LocalLayers
 
 from model.stanhop.config import StanhopConfig
@@ -47,6 +47,7 @@ class StanhopSpec(FamilySpec):
     model_config_class = StanhopConfig
     data_config_class = StanhopDataConfig
     metrics = (Metric("mse", "MSE", fmt=".4f"), Metric("mae", "MAE", fmt=".4f"))
+    throughput = Throughput("windows", lambda cfg: 1)  # forecast windows (input + horizon) per second
     tensor_parallel = None  # small enough for data parallelism: parallel.tensor and parallel.pipeline stay 1
     ptq_weight_range = "minmax"  # small per-tensor weights; no OutEffHop recipe says otherwise
 

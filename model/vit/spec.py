@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from model.family import TRANSFORMER_SPLIT, Batch, FamilyData, FamilySpec, Metric, NamedObjective, StagesModule
+from model.family import (TRANSFORMER_SPLIT, Batch, FamilyData, FamilySpec, Metric, NamedObjective, StagesModule,
+                          Throughput)
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.vit.config import ViTConfig
 from model.vit.data_config import ImageDataConfig
@@ -32,6 +33,7 @@ class ViTSpec(FamilySpec):
     name = "vit"
     objective = NamedObjective("classification")
     tensor_parallel = TRANSFORMER_SPLIT
+    throughput = Throughput("images", lambda cfg: 1)  # timm's samples/s; FLOPs per image for MFU
     pipeline_stages = StagesModule("model.vit.pipeline")
     model_config_class = ViTConfig
     data_config_class = ImageDataConfig
