@@ -15,9 +15,11 @@ Families register themselves with `register_family(spec)`. The built-in ones (`m
 config as `model.family: package.module:SPEC` (the spec object's import path) and is imported and registered
 the first time it is looked up, in every process (`launcher.pretrain` under `deepspeed` included).
 
-A new family is one package: subclass `FamilySpec`, fill in what it supports, register it. Everything not
-overridden either has a family-neutral default (loss-weighted metrics, no pipeline, no HF export) or says
-in one line that the family does not support it.
+A new family is one package: subclass `FamilySpec`, fill in what it supports, register it. The spec provides
+pieces rather than yes/no flags: its objective, tensor-parallel split, pipeline stages, planner cost model,
+Hugging Face adapter and throughput unit; a piece a family lacks is None, and whoever needs it says so in one
+line naming the family. Everything not overridden either has a family-neutral default (loss-weighted metrics,
+no pipeline, no HF export) or says in one line that the family does not support it.
 """
 
 from __future__ import annotations
