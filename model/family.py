@@ -281,6 +281,9 @@ class FamilySpec(ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
     # What the training log's throughput counts (`tokens_per_s` for text; the family names its own unit)
     throughput: ClassVar[Throughput] = Throughput("tokens")
+    # What an evaluation's targets are (num_targets), its count's name in val/test records: predicted tokens for
+    # text, images for an image classifier, forecast points for a forecaster
+    target_unit: ClassVar[str] = "tokens"
     # The pieces a parallel layout needs; None: the family refuses that layout in one line (check_layout)
     tensor_parallel: ClassVar[TensorSplit | None] = TensorSplit()
     pipeline_stages: ClassVar[PipelineStages | None] = None

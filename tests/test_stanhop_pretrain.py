@@ -67,6 +67,9 @@ def test_training_beats_the_naive_forecast_and_resumes_exactly(tmp_path: Path) -
              if '"kind": "train"' in line]
     assert train and all(r["windows"] == r["step"] * 32 and r["windows_per_s"] > 0 and "tokens" not in r
                          for r in train)
+    val = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+           if '"kind": "val"' in line]
+    assert val and all(r["points"] > 0 and "tokens" not in r for r in val)  # forecast values, not tokens
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,8 @@ def test_throughput_counts_images(vit_run: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
     assert [r["images"] for r in train] == [8 * step for step in range(1, 7)]
     assert all(r["images_per_s"] > 0 and r["tflops_per_device"] > 0 and "tokens_per_s" not in r for r in train)
+    val = [r for r in records if r["kind"] == "val"]  # what the validation counted: images, not tokens
+    assert val and all(r["images"] > 0 and "tokens" not in r for r in val)
 
 
 def test_standalone_evaluation_matches_the_periodic_one(vit_run: Path) -> None:

@@ -48,6 +48,7 @@ class StanhopSpec(FamilySpec):
     data_config_class = StanhopDataConfig
     metrics = (Metric("mse", "MSE", fmt=".4f"), Metric("mae", "MAE", fmt=".4f"))
     throughput = Throughput("windows", lambda cfg: 1)  # forecast windows (input + horizon) per second
+    target_unit = "points"  # forecast values: horizon x series per window
     tensor_parallel = None  # small enough for data parallelism: parallel.tensor and parallel.pipeline stay 1
     ptq_weight_range = "minmax"  # small per-tensor weights; no OutEffHop recipe says otherwise
 

@@ -34,6 +34,7 @@ class ViTSpec(FamilySpec):
     objective = NamedObjective("classification")
     tensor_parallel = TRANSFORMER_SPLIT
     throughput = Throughput("images", lambda cfg: 1)  # timm's samples/s; FLOPs per image for MFU
+    target_unit = "images"  # one label (or soft target) per image
     pipeline_stages = StagesModule("model.vit.pipeline")
     model_config_class = ViTConfig
     data_config_class = ImageDataConfig
