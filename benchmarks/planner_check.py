@@ -5,14 +5,22 @@
 
 What goes in is measured on this machine, in this run, one thread per rank (OMP_NUM_THREADS=1):
   - the matmul rate (the best of square fp32 matmuls): the planner's "peak";
+  - the rate of each of a layer's GEMMs at the full shapes and at a TP2 rank's shards (launcher.planner's
+    layer_gemms; Device.gemm_rates): how much slower a TP rank's half-width matmuls run;
+  - the host's time to issue one layer's forward and backward for one micro-batch (Device.layer_issue_s): a
+    one-rank run of the same depth, micro-batches and sequence at width 8 per head, less its FLOPs at the peak,
+    over its layers x micro-batches (its optimizer step and embeddings counted in, a slight overestimate);
   - gloo's all-reduce time over a sweep of sizes between 2 ranks, fitted to the ring model's 2 a + S / B
-    (launcher/comm_model.py): latency a and bandwidth B, the planner's link;
-  - the compute efficiency (the planner's MFU: model FLOP/s over the matmul rate) of two independent one-rank
-    runs of half the global batch each, side by side: what each of two ranks computes at while the other
-    runs too (on a shared machine that is not one rank's rate alone; DP1, one rank alone, is shown too).
+    (launcher/comm_model.py): latency a and bandwidth B, the planner's link (which, running on the cores that
+    compute, hides nothing behind a GEMM);
+  - the compute efficiency (the planner's MFU: model FLOP/s over the matmul rate, the issue time taken out) of two
+    independent one-rank runs of half the global batch each, side by side: what each of two ranks computes at
+    while the other runs too (on a shared machine that is not one rank's rate alone; DP1, one rank alone, is
+    shown too).
 Then each 2-rank layout trains the same model through parallel/engine.py (launcher.pretrain's path) and its
 median step time is compared with launcher.planner.plan_layout's prediction for that layout. The table shows
-predicted, measured, their ratio and the prediction's terms.
+predicted, measured, their ratio and the prediction's terms; TP2's all-reduces per step are counted and shown
+against the planner's count.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +113,27 @@ def train_worker(args: argparse.Namespace) -> None:
         while True:
             yield pm.family.collate(list(torch.randint(0, args.vocab, (args.micro, args.seq), generator=generator)))
 
-    stream, times = batches(), []
+    stream, times, issued = batches(), [], [0]
+    all_reduce = dist.all_reduce
+
+    def counted(*a: Any, **k: Any) -> Any:  # megatron-core and DeepSpeed look the function up at each call
+        issued[0] += 1
+        return all_reduce(*a, **k)
+
     for step in range(2 + args.steps):
         dist.barrier()
-        start = time.perf_counter()
-        train_step(pm, stream, accumulation, device)
+        start, before = time.perf_counter(), issued[0]
+        dist.all_reduce = counted
+        try:
+            train_step(pm, stream, accumulation, device)
+        finally:
+            dist.all_reduce = all_reduce
         elapsed = torch.tensor([time.perf_counter() - start])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest rank does
         if step >= 2:
             times.append(float(elapsed))
     if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps({"times": times}))
+        Path(args.out).write_text(json.dumps({"times": times, "all_reduces_per_step": issued[0] - before}))
     dist.barrier()
 
 
@@ -187,6 +206,24 @@ def matmul_rate(size: int = 512, reps: int = 20) -> float:
     return 2 * size**3 / best
 
 
+def gemm_rates(shapes: list[tuple[int, int, int]], rounds: int = 12) -> dict[tuple[int, int, int], float]:
+    """FLOP/s of each (M, K, N) fp32 matmul on one thread: the best of `rounds` rounds over all shapes (rounds
+    interleave them, so a busy moment slows every shape alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = {shape: float("inf") for shape in shapes}
+    operands = {shape: (torch.randn(shape[0], shape[1]), torch.randn(shape[1], shape[2])) for shape in shapes}
+    try:
+        for _ in range(rounds):
+            for shape, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best[shape] = min(best[shape], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {shape: 2 * shape[0] * shape[1] * shape[2] / seconds for shape, seconds in best.items()}
+
+
 def fit_link(medians: dict[str, float]) -> tuple[float, float]:
     """(latency per ring step, bytes/s) from 2-rank all-reduce times t(S) = 2 a + S / B: a from the smallest
     size, B the median of S / (t - 2a) over the sizes where bandwidth dominates (>= 256 KiB); robust to one
@@ -197,42 +234,71 @@ def fit_link(medians: dict[str, float]) -> tuple[float, float]:
     return latency, rates[len(rates) // 2]
 
 
+def narrow(args: argparse.Namespace) -> argparse.Namespace:
+    """The same depth, sequence and batches at 8 dimensions per head: what a step costs beyond its FLOPs."""
+    return argparse.Namespace(**{**vars(args), "hidden": 8 * args.heads, "ffn": 32 * args.heads, "vocab": 512})
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from launcher.comm_model import Link, Network
-    from launcher.planner import Device, LayoutChoice, plan_layout
+    from launcher.planner import Device, LayoutChoice, layer_gemms, plan_layout, shard_slowdown, tp_all_reduces
 
     from tqdm.auto import tqdm
 
     cfg = run_config(args)
-    progress = tqdm(total=2 + len(LAYOUTS), desc="planner check", disable=args.json)
+    progress = tqdm(total=4 + len(LAYOUTS), desc="planner check", disable=args.json)
     peak = matmul_rate()
+    tokens = args.micro * args.seq
+    rates = gemm_rates(sorted(set(layer_gemms(cfg.model, tokens, 1) + layer_gemms(cfg.model, tokens, 2))))
     medians = run_worker(args, "bandwidth", 2)
     progress.update()
     latency, bytes_per_s = fit_link(medians)
-    gloo = Link("gloo (measured)", bytes_per_s / 1e9, latency, "this run's all-reduce sweep", efficiency=1.0)
+    gloo = Link("gloo (measured)", bytes_per_s / 1e9, latency, "this run's all-reduce sweep", efficiency=1.0,
+                overlaps_compute=False)
     network = Network(gloo, gloo, gpus_per_node=2)
+    thin = narrow(args)
+    narrow_s = statistics.median(run_worker(thin, "train", 1)["times"])
+    progress.update()
     measured: dict[str, float] = {}
+    issued: dict[str, int] = {}
     for name, (tp, pp) in LAYOUTS.items():
         ranks = 1 if name == "DP1" else 2
-        measured[name] = statistics.median(run_worker(args, "train", ranks, (tp, pp))["times"])
+        result = run_worker(args, "train", ranks, (tp, pp))
+        measured[name], issued[name] = statistics.median(result["times"]), result["all_reduces_per_step"]
         progress.update()
     half = argparse.Namespace(**{**vars(args), "global_batch": args.global_batch // 2})
     side_by_side = run_side_by_side(half)
     progress.update()
     progress.close()
-    device = Device("cpu (1 thread per rank)", 1e6, peak / 1e12, kind="cpu")
-    single = plan_layout(cfg, LayoutChoice(micro_batch_size=args.micro), device, mfu=1.0, network=network)
-    alone = single.step_time_s / measured["DP1"]  # one rank alone on the machine
-    efficiency = single.step_time_s / 2 / side_by_side  # each of two ranks computing at once
+    device = Device("cpu (1 thread per rank)", 1e6, peak / 1e12, kind="cpu",
+                    gemm_rates=tuple(sorted(rates.items())))
+    micro_batches = args.global_batch // args.micro
+    at_peak = plan_layout(run_config(thin), LayoutChoice(micro_batch_size=args.micro), device, mfu=1.0)
+    issue_s = max(0.0, narrow_s - at_peak.time["compute"]) / (micro_batches * args.layers)
+    device = replace(device, layer_issue_s=issue_s)
+
+    def one_rank(config: Any) -> Any:
+        return plan_layout(config, LayoutChoice(micro_batch_size=args.micro), device, mfu=1.0, network=network)
+
+    single, halved = one_rank(cfg), one_rank(run_config(half))
+    alone = single.time["compute"] / (measured["DP1"] - single.time["host"])  # one rank alone on the machine
+    efficiency = halved.time["compute"] / (side_by_side - halved.time["host"])  # each of two ranks at once
     rows = []
     for name, (tp, pp) in LAYOUTS.items():
         data = (1 if name == "DP1" else 2) // (tp * pp)
         plan = plan_layout(cfg, LayoutChoice(tp, pp, data, 0, args.micro), device,
                            mfu=alone if name == "DP1" else efficiency, network=network)
         rows.append({"layout": name, "predicted_s": plan.step_time_s, "measured_s": measured[name],
-                     "ratio": plan.step_time_s / measured[name], "terms_s": plan.time})
+                     "ratio": plan.step_time_s / measured[name], "terms_s": plan.time,
+                     "all_reduces_per_step": issued[name]})
+    accumulation = args.global_batch // args.micro
+    planned_tp = accumulation * sum(tp_all_reduces(args.layers, "none"))
     return {"matmul_tflops": peak / 1e12, "gloo": {"latency_s": latency, "bandwidth_gbs": bytes_per_s / 1e9,
                                                     "allreduce_medians_s": medians},
+            "layer_issue_s": issue_s, "narrow_step_s": narrow_s,
+            "gemm_rates_gflops": {"x".join(map(str, k)): v / 1e9 for k, v in rates.items()},
+            "tp2_shard_slowdown": shard_slowdown(device, cfg.model, tokens, 2),
+            "tp2_all_reduces_per_step": {"issued": issued["TP2"], "planned": planned_tp},
             "compute_efficiency": efficiency, "compute_efficiency_alone": alone,
             "side_by_side_half_batch_s": side_by_side, "rows": rows,
             "shape": {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "micro",
@@ -256,9 +322,14 @@ def _main(argv: list[str] | None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     gloo = result["gloo"]
-    print(f"inputs: matmul {result['matmul_tflops'] * 1e3:.1f} GFLOP/s per thread; gloo {gloo['bandwidth_gbs']:.2f} "
-          f"GB/s, {gloo['latency_s'] * 1e6:.0f} us per ring step; compute efficiency {result['compute_efficiency']:.0%} "
-          f"per rank with two ranks computing ({result['compute_efficiency_alone']:.0%} for one rank alone)")
+    print(f"inputs: matmul {result['matmul_tflops'] * 1e3:.1f} GFLOP/s per thread (TP2 shards "
+          f"{result['tp2_shard_slowdown']:.2f}x the full shapes' time); host {result['layer_issue_s'] * 1e3:.2f} ms "
+          f"per layer and micro-batch; gloo {gloo['bandwidth_gbs']:.2f} GB/s, {gloo['latency_s'] * 1e6:.0f} us per "
+          f"ring step; compute efficiency {result['compute_efficiency']:.0%} per rank with two ranks computing "
+          f"({result['compute_efficiency_alone']:.0%} for one rank alone)")
+    counts = result["tp2_all_reduces_per_step"]
+    print(f"TP2 all-reduces per step: {counts['issued']} issued, {counts['planned']} planned "
+          f"(the rest: the step's loss and gradient-norm reductions)")
     print(f"{'layout':<7}{'predicted':>11}{'measured':>10}{'ratio':>7}  terms")
     for row in result["rows"]:
         terms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["terms_s"].items() if v)

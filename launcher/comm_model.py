@@ -26,6 +26,10 @@ class Link:
     latency_s: float  # per ring step
     source: str
     efficiency: float = DATASHEET_EFFICIENCY
+    # Whether a collective runs beside the rank's compute (NCCL: its own SMs and copy engines) rather than on the
+    # cores that compute (gloo on a CPU: its transport thread and the kernel's TCP stack), so that an async
+    # collective can hide behind a GEMM.
+    overlaps_compute: bool = True
 
     @property
     def bytes_per_s(self) -> float:

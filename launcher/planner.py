@@ -2,16 +2,12 @@
 for a layout (TP, PP, DP, ZeRO stage, precision, micro batch, activation checkpointing), FLOPs per step and
 the expected step time at an assumed MFU, and the layouts that fit a number of GPUs.
 
-Formulas (docs/planner.md states them with their sources):
-  - step time: compute at an assumed MFU (plus what recomputation adds), tensor-parallel all-reduces, pipeline
-    sends and the 1F1B bubble on the critical path, the data-parallel gradient reduction / ZeRO-3 gathers
-    (launcher/comm_model.py costs the collectives on the layout's links);
-  - parameters per rank: counted from the model shape the way model/opt.py, model/bert.py and the megatron-core
-    layers split them (column/row/vocab-parallel weights / TP, LayerNorms, row biases, positions replicated);
-    the busiest pipeline stage holds ceil(L / PP) layers plus the embeddings (and the tied head copy);
-  - model states: ZeRO-2/3 in 16-bit come from DeepSpeed's own estimators; the rest by hand (see model_states);
-  - activations: the tensors autograd keeps for backward, counted per layer from the code (validated against
-    measured CPU peak memory in tests/test_planner.py), times the micro-batches a 1F1B stage holds.
+The memory terms live in launcher/plan_memory.py; this module assembles the plan, the step time and the
+suggestions. Step time (docs/planner.md states the formulas with their sources): compute at an assumed MFU (plus
+what recomputation adds, slowed where a TP rank's matmul shards run below the full shapes' measured rate), the
+host time to issue each layer (CPU only: there the host computes), tensor-parallel all-reduces as this code
+issues them, pipeline sends and the 1F1B bubble on the critical path, the data-parallel gradient reduction /
+ZeRO-3 gathers (launcher/comm_model.py costs the collectives on the layout's links).
 """
 
 from __future__ import annotations
@@ -20,18 +16,16 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from launcher.comm_model import Network, all_gather_s, all_reduce_s, network_for, p2p_s
-from launcher.throughput import PEAK_TFLOPS, cost_model, flops_per_token
-from model import variants
-from model.config import ModelConfig
-from model.recompute import RECOMPUTE_MODES, recompute_mode
 from common.errors import ConfigError
+from launcher.comm_model import Network, all_gather_s, all_reduce_s, network_for, p2p_s
+from launcher.plan_memory import activation_bytes, embedding_params, layer_params, model_states, stage_layers, \
+    stage_params, total_params
+from launcher.throughput import PEAK_TFLOPS, flops_per_token
+from model.config import ModelConfig
 from model.family import family_of
+from model.recompute import RECOMPUTE_MODES, recompute_mode
 
 GIB = 2**30
-ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
-MASTER_BYTES = 4  # fp32 master weights (mixed precision, and the ZeRO optimizers' fp32 partition)
-FP32_GRAD_BYTES = 4  # fp32 gradients the mixed-precision / ZeRO optimizers step on
 # Tensor-parallel degrees the suggestions try (megatron's advice: within a node).
 TP_CHOICES = (1, 2, 4, 8)
 
@@ -42,6 +36,13 @@ class Device:
     memory_gib: float
     peak_tflops: float | None  # dense bf16 (GPU) peak; None where unknown (CPU)
     kind: str = "cuda"  # "cuda" or "cpu": decides the attention backend and dropout-mask bytes
+    # Host time to issue one layer's forward and backward for one micro-batch, whatever its width: no layout
+    # divides it (a TP rank issues every op of its layers). On a CPU the host is the device, so it adds to the
+    # step (benchmarks.planner_check measures it); on GPUs 0: kernels queue asynchronously, the host runs ahead.
+    layer_issue_s: float = 0.0
+    # Measured matmul rates, ((M, K, N), FLOP/s) pairs: where they cover a layer's GEMMs (layer_gemms), a TP
+    # rank's compute is slowed by its shards' rate against the full shapes'. GPUs: none (shards at full rate).
+    gemm_rates: tuple[tuple[tuple[int, int, int], float], ...] = ()
 
 
 # Datasheet memory; the dense bf16 peak is launcher.throughput's (the one MFU is logged against).
@@ -104,174 +105,6 @@ class Plan:
                 f"{parts} GiB) for {self.layout.describe()}, {self.precision}: {verdict}")
 
 
-# ------------------------------------------------------------------------------------------- parameters
-
-def layer_params(m: ModelConfig, tp: int = 1) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank (OPT and BERT blocks have the same
-    weights: q/k/v column-parallel with bias, out row-parallel (bias replicated), two LayerNorms, an FFN)."""
-    h, f, heads = m.hidden_size, m.ffn_hidden_size, m.num_heads
-    attention = 3 * (h * h + h) // tp + h * h // tp + h
-    ffn = (h * f + f) // tp + f * h // tp + h
-    norms = 2 * 2 * h
-    local_heads, head_dim = heads // tp, h // heads
-    extra = local_heads * len(variants.get(m.attention.variant).head_params)  # e.g. the learnable sink's logits
-    if m.attention.gated:
-        if m.attention.gate_type == "mlp":
-            g = m.attention.gate_hidden
-            extra += local_heads * (head_dim * g + g + g + 1)
-        else:
-            extra += local_heads * (head_dim + 1)
-    return attention + ffn + norms + extra
-
-
-def embedding_params(m: ModelConfig, tp: int = 1) -> tuple[int, int]:
-    """(first-stage, last-stage) parameters outside the layers on one TP rank. The word embedding is
-    vocab-parallel; positions, token types and LayerNorms are replicated. The tied head is the word embedding
-    (one copy in one process; DeepSpeed keeps a copy on the first and the last pipeline stage)."""
-    return cost_model(m).embedding_params(m, tp)
-
-
-def total_params(m: ModelConfig) -> int:
-    """The single-process model's parameter count (tied weights once), equal to model.num_parameters()."""
-    first, last = embedding_params(m)
-    tied = m.padded_vocab_size * m.hidden_size if m.tie_word_embeddings else 0
-    return m.num_layers * layer_params(m) + first + last - tied
-
-
-def stage_layers(num_layers: int, pipeline: int) -> list[int]:
-    """Layers per pipeline stage, as DeepSpeed's balanced partition of equal-weight layers gives them."""
-    base, extra = divmod(num_layers, pipeline)
-    return [base + (1 if i < extra else 0) for i in range(pipeline)]
-
-
-def stage_params(m: ModelConfig, tp: int, pipeline: int, stage: int) -> int:
-    first, last = embedding_params(m, tp)
-    layers = stage_layers(m.num_layers, pipeline)[stage] * layer_params(m, tp)
-    if pipeline == 1:
-        tied = m.padded_vocab_size * m.hidden_size // tp if m.tie_word_embeddings else 0
-        return layers + first + last - tied
-    return layers + (first if stage == 0 else 0) + (last if stage == pipeline - 1 else 0)
-
-
-# ------------------------------------------------------------------------------------------ model states
-
-def model_states(params: int, largest_layer: int, dp: int, zero_stage: int, precision: str) -> dict[str, float]:
-    """Bytes of parameters, gradients and optimizer states (AdamW) on one rank holding `params` parameters
-    (its TP/PP shard) whose ZeRO group has `dp` ranks.
-
-    ZeRO-2/3 with 16-bit weights: DeepSpeed's estimate_zero2/3_model_states_mem_needs give the total (2P + 18P/N;
-    4L + 18P/N with L the largest layer), split here into 16-bit weights, the optimizer's fp32 master copy and
-    Adam moments (12P/N), and gradients (the remainder: 16-bit + fp32 gradient partitions). By hand, because
-    DeepSpeed has no estimator for them: ZeRO-0/1 and fp32 training. There the optimizer keeps 8 bytes of Adam
-    moments per parameter, plus a 4-byte fp32 master copy when weights are 16-bit, and the ZeRO-1/2/3
-    optimizers always keep an fp32 copy of their partition (DeepSpeed clones it even from fp32 weights)."""
-    b = 4 if precision == "fp32" else 2
-    mixed = b != 4
-    if zero_stage in (2, 3) and mixed:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        if zero_stage == 2:
-            _, total = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, cpu_offload=False)
-            weights = 2 * params
-        else:
-            _, total, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=dp,
-                                                                cpu_offload=False, cpu_offload_params=False)
-            weights = 2 * params / dp + 2 * largest_layer
-        optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * params / dp
-        return {"parameters": weights, "gradients": total - weights - optimizer, "optimizer": optimizer}
-    if zero_stage == 0:
-        grads = b * params + (FP32_GRAD_BYTES * params if mixed else 0)  # 16-bit grads + the fp32 accumulators
-        optimizer = ((MASTER_BYTES if mixed else 0) + ADAM_STATE_BYTES) * params
-        return {"parameters": float(b * params), "gradients": float(grads), "optimizer": float(optimizer)}
-    optimizer = (MASTER_BYTES + ADAM_STATE_BYTES) * params / dp
-    fp32_part = FP32_GRAD_BYTES * params / dp if mixed else 0.0  # fp32 weights: the partition's grads are shared
-    if zero_stage == 1:
-        return {"parameters": float(b * params), "gradients": b * params + fp32_part, "optimizer": optimizer}
-    if zero_stage == 2:
-        return {"parameters": float(b * params), "gradients": b * params / dp + fp32_part, "optimizer": optimizer}
-    weights = b * params / dp + b * largest_layer  # ZeRO-3: the partition + the largest layer gathered
-    return {"parameters": weights, "gradients": b * params / dp + b * largest_layer, "optimizer": optimizer}
-
-
-# ------------------------------------------------------------------------------------------- activations
-
-def materializes_scores(m: ModelConfig, device_kind: str) -> bool:
-    """True when the attention backend keeps [heads, T, T] tensors (eager): model/attention.py's `auto` picks
-    a fused backend the variant registers (Triton on CUDA for softmax1/learnable_sink, SDPA for softmax/softmax1),
-    else eager."""
-    backend, variant = m.attention.backend, m.attention.variant
-    if backend == "auto":  # a fused backend that `auto` picks on this device kind (model/variants.py)
-        return not any(fused.auto_on is None or device_kind in fused.auto_on
-                       for fused in variants.get(variant).backends.values())
-    return backend == "eager"
-
-
-def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: int,
-                              device_kind: str, selective: bool = False) -> tuple[float, float]:
-    """(activation elements, dropout-mask elements) one layer keeps for backward for one micro-batch.
-
-    x = seq * micro_batch tokens, h hidden, f FFN, a heads, t TP:
-      OPT (pre-LN):  4xh (LN1 in/out, LN2 in/out, replicated) + 5xh/t (q, k, v, attention output, the
-                     contiguous context for out_proj) + xf/t (ReLU output, fc2's input)
-      BERT (post-LN): 4xh (layer input, attention LN in/out, output LN in) + 5xh/t + 2xf/t (GELU in and out)
-      + xh/t when gated (the ungated context the gate multiplies), + 3 a T^2 b / t when the backend materialises
-      the scores (logits, masked logits, probabilities), dropout masks 2xh per layer (+ a T^2 b / t eager
-      attention dropout). Selective recompute keeps none of attention's core: neither its output (xh/t) nor the
-      scores and their dropout mask."""
-    x, h, f, heads = seq * micro_batch, m.hidden_size, m.ffn_hidden_size, m.num_heads
-    ffn_terms = cost_model(m).ffn_activation_terms
-    elements = 4 * x * h + (4 if selective else 5) * x * h / tp + ffn_terms * x * f / tp
-    if m.attention.gated:
-        elements += x * h / tp
-    eager = materializes_scores(m, device_kind) and not selective
-    if eager:
-        elements += 3 * heads * seq * seq * micro_batch / tp
-    masks = 2 * x * h if m.dropout > 0 else 0.0
-    if m.attention_dropout > 0 and eager:
-        masks += heads * seq * seq * micro_batch / tp
-    return elements, masks
-
-
-def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, act_bytes: int,
-                          mlm_probability: float) -> tuple[float, float]:
-    """(kept, backward peak extra) bytes of the output end for one micro-batch on the last stage.
-
-    The loss keeps fp32 log-probabilities [tokens, V/t] (losses are computed in fp32 whatever the weights);
-    backward briefly holds their gradient and the logits' gradient (fp32, + a 16-bit cast): 2-2.5x that.
-    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
-    (gathered hidden, dense out, GELU out, LN out: 4nh)."""
-    x, vocab = seq * micro_batch, m.padded_vocab_size / tp
-    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, mlm_probability)
-    logprobs = 4 * predicted * vocab
-    backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
-    return kept_other + logprobs, backward
-
-
-def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pipeline: int, stage: int,
-                     in_flight: int, checkpointing: str | bool, act_bytes: int, device_kind: str,
-                     mlm_probability: float = 0.15) -> float:
-    """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B), with
-    `checkpointing` one of RECOMPUTE_MODES."""
-    mode = recompute_mode(checkpointing)
-    layers = stage_layers(m.num_layers, pipeline)[stage]
-    elements, masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind, selective=mode == "selective")
-    mask_bytes = 1 if device_kind == "cuda" else act_bytes  # bool masks on CUDA, float noise on CPU
-    per_layer = elements * act_bytes + masks * mask_bytes
-    full_elements, full_masks = layer_activation_elements(m, micro_batch, seq, tp, device_kind)
-    full_layer = full_elements * act_bytes + full_masks * mask_bytes
-    if mode == "full":  # each layer keeps its input; one layer is recomputed at a time
-        kept = layers * in_flight * seq * micro_batch * m.hidden_size * act_bytes + full_layer
-    else:  # selective: one layer's attention core is recomputed at a time
-        kept = layers * in_flight * per_layer + (full_layer - per_layer)
-    if stage == 0 and cost_model(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
-        kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
-    if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
-        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)
-        kept += head + backward
-    return kept
-
-
 # ------------------------------------------------------------------------------------------------ the plan
 
 def resolve_precision(precision: str, device_kind: str) -> str:
@@ -291,14 +124,46 @@ def recompute_flops_per_token(m: ModelConfig, seq: int, mode: str, model_flops_p
     return 0.0
 
 
+def layer_gemms(m: ModelConfig, tokens: int, tp: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of one layer's matmuls on one TP rank for `tokens` tokens, forward and backward: q, k, v and fc1
+    column-parallel (outputs / tp), out and fc2 row-parallel (inputs / tp); each linear's forward x W, its input
+    gradient dY W^T and its weight gradient dY^T x."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    linears = [(h, h // tp)] * 3 + [(h // tp, h), (h, f // tp), (f // tp, h)]  # (in, out)
+    return [shape for k, n in linears for shape in ((tokens, k, n), (tokens, n, k), (n, tokens, k))]
+
+
+def shard_slowdown(device: Device, m: ModelConfig, tokens: int, tp: int) -> float:
+    """How much slower a TP rank computes its layers than 1/tp of the full layer: its GEMMs' time at their
+    measured rates x tp over the full GEMMs' time (1.0 without rates for every shape, e.g. on GPUs)."""
+    rates = dict(device.gemm_rates)
+    full, shard = layer_gemms(m, tokens, 1), layer_gemms(m, tokens, tp)
+    if tp == 1 or not all(shape in rates for shape in full + shard):
+        return 1.0
+    seconds = lambda shapes: sum(2 * a * b * c / rates[(a, b, c)] for a, b, c in shapes)  # noqa: E731
+    return tp * seconds(shard) / seconds(full)
+
+
+def tp_all_reduces(layers: int, recompute: str) -> tuple[int, int, int]:
+    """(forward, backward, small) all-reduces per micro-batch of a TP stage with `layers` layers, as this code
+    issues them: per layer the row-parallel out_proj and fc2 outputs in the forward (again in full recompute's
+    re-forward) and the input gradients of the column-parallel q, k, v and fc1 in the backward (megatron-core's
+    ColumnParallelLinear, one each: q, k and v are separate linears, as in OPT and BERT, where Megatron's fused
+    QKV needs one); the vocab-parallel embedding's output and the LM head's input gradient; cross entropy's
+    max, sum and target logit (small: a float per token)."""
+    forward = layers * (2 + (2 if recompute == "full" else 0)) + 1
+    return forward, layers * 4 + 1, 3
+
+
 def step_time_terms(cfg: Any, layout: LayoutChoice, device: Device, network: Network, mfu: float,
                     params: int) -> dict[str, float]:
     """The step time's terms in seconds (their sum is the step time); `params` are the busiest rank's.
 
     Critical path: (accumulation + p - 1) 1F1B slots, each a micro-batch's forward and backward on the busiest
-    stage: its compute at `mfu` of the peak, its tensor-parallel all-reduces (2 in the forward, 2 in the backward
-    per layer, +2 with full recompute; the vocab-parallel embedding's and cross entropy's; synchronous, as in
-    Megatron, so never overlapped) and, with pipelines, one activation send and one gradient send. The data-
+    stage: its compute at `mfu` of the peak (x shard_slowdown under TP), the host's issue time of its layers
+    (Device.layer_issue_s, CPU), its tensor-parallel all-reduces (tp_all_reduces; synchronous, except that
+    megatron-core overlaps each backward input-gradient all-reduce with the weight-gradient GEMM on links that
+    compute alongside, NCCL's) and, with pipelines, one activation send and one gradient send. The data-
     parallel reduction follows the last backward: ZeRO-0/1 all-reduce the gradients once per step and ZeRO-2
     reduce-scatters them every micro-batch then all-gathers the updated weights (DeepSpeed's overlap_comm is
     off by default for both: fully exposed); ZeRO-3 gathers the weights twice (forward, backward) and
@@ -314,19 +179,26 @@ def step_time_terms(cfg: Any, layout: LayoutChoice, device: Device, network: Net
     tokens = cfg.train.global_batch_size * seq
     hardware = (model_fpt + recompute_flops_per_token(m, seq, layout.activation_checkpointing, model_fpt)) * tokens
     assert device.peak_tflops
-    compute = hardware / (world * device.peak_tflops * 1e12 * mfu)
+    flop_s = device.peak_tflops * 1e12 * mfu  # one rank's compute rate
     x = layout.micro_batch_size * seq
+    compute = hardware / (world * flop_s) * shard_slowdown(device, m, x, t)
+    layers = max(stage_layers(m.num_layers, p))
+    host = accumulation * layers * device.layer_issue_s
     activation = x * m.hidden_size * b
     tp_per_micro = 0.0
     if t > 1:
         link = network.link(t)
-        per_layer = 4 + (2 if layout.activation_checkpointing == "full" else 0)
-        layers = max(stage_layers(m.num_layers, p))
-        tp_per_micro = ((layers * per_layer + 1) * all_reduce_s(activation, t, link)
-                        + 3 * all_reduce_s(4 * x, t, link))  # embedding; cross entropy's max, sum, target logit
+        forward, backward, small = tp_all_reduces(layers, layout.activation_checkpointing)
+        one = all_reduce_s(activation, t, link)
+        if link.overlaps_compute:  # each hides behind its linear's weight-gradient GEMM (q, k, v: 2xh h/t; fc1: 2xh f/t)
+            wgrad = [2 * x * m.hidden_size * out / t / flop_s for out in [m.hidden_size] * 3 + [m.ffn_hidden_size]]
+            exposed = layers * sum(max(0.0, one - w) for w in wgrad) + one  # + the head's, not overlapped
+        else:
+            exposed = backward * one
+        tp_per_micro = forward * one + exposed + small * all_reduce_s(4 * x, t, link)
     p2p_per_micro = 2 * p2p_s(activation, network.link(t * d * p)) if p > 1 else 0.0
-    slot = compute / accumulation + tp_per_micro + p2p_per_micro
-    terms = {"compute": compute, "tensor_parallel": accumulation * tp_per_micro,
+    slot = (compute + host) / accumulation + tp_per_micro + p2p_per_micro
+    terms = {"compute": compute, "host": host, "tensor_parallel": accumulation * tp_per_micro,
              "pipeline_p2p": accumulation * p2p_per_micro, "bubble": (p - 1) * slot}
     grads = params * b  # DeepSpeed reduces gradients in the weights' dtype
     dp = 0.0
@@ -369,7 +241,7 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
         acts = activation_bytes(m, micro_batch=layout.micro_batch_size, seq=seq, tp=layout.tensor,
                                 pipeline=layout.pipeline, stage=stage, in_flight=in_flight,
                                 checkpointing=layout.activation_checkpointing, act_bytes=act_bytes,
-                                device_kind=device.kind, mlm_probability=cfg.data.mlm_probability)
+                                device_kind=device.kind, data_cfg=cfg.data)
         plan = Plan(layout, device, precision, params, total_params(m), {**states, "activations": acts},
                     stage=stage, in_flight=in_flight, mfu=mfu)
         if best is None or plan.total > best.total:

@@ -41,7 +41,7 @@ def _train(cfg, compiled: bool) -> tuple[list[float], torch.nn.Module]:  # type:
     torch.manual_seed(0)
     model = build_model(cfg.model, seq_length=spec.example_length(cfg))
     if compiled:
-        assert compile_blocks(model, spec) == 2
+        assert compile_blocks(model, spec) >= 2
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator, losses = torch.Generator().manual_seed(0), []
     for _ in range(STEPS):

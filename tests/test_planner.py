@@ -12,9 +12,10 @@ import pytest
 from launcher.comm_model import LINKS, Link, Network, all_gather_s, all_reduce_s, p2p_s
 from launcher.config import config_from_dict, load_config
 from launcher.memory_probe import measure_activation_peak
-from launcher.planner import (LayoutChoice, activation_bytes, candidate_layouts, device_named, embedding_params,
-                              layer_params, model_states, plan_layout, stage_layers, stage_params, suggest,
-                              total_params)
+from launcher.plan_memory import (activation_bytes, embedding_params, layer_params, model_states, stage_layers,
+                                  stage_params, total_params)
+from launcher.planner import (LayoutChoice, candidate_layouts, device_named, layer_gemms, plan_layout, suggest,
+                              tp_all_reduces)
 from launcher.throughput import flops_per_token
 from model.family import build_model
 
@@ -123,6 +124,32 @@ def test_collective_costs_by_hand() -> None:
     assert all_reduce_s(1e9, 1, link) == 0.0
     network = Network(intra=LINKS["nvlink4"], inter=LINKS["ib_ndr"], gpus_per_node=8)
     assert network.link(8) is LINKS["nvlink4"] and network.link(16) is LINKS["ib_ndr"]
+
+
+def test_tensor_parallel_time_counts_what_the_code_issues() -> None:
+    cfg = small_cfg()  # 2 layers, h 8, f 32; micro-batch 2 x 4 tokens; TP2 x DP1: 4 micro-batches per step
+    cpu_link = Link("gloo", bandwidth_gbs=1.0, latency_s=1e-3, source="by hand", efficiency=1.0,
+                    overlaps_compute=False)
+    h100 = replace(device_named("H100"), layer_issue_s=1e-3)
+    tp2 = LayoutChoice(tensor=2, data=1, micro_batch_size=2)
+    plan = plan_layout(cfg, tp2, h100, mfu=0.5, network=Network(cpu_link, cpu_link))
+    # per layer: out_proj and fc2 forward, q, k, v and fc1 input gradients; + embedding, head; cross entropy's 3
+    assert tp_all_reduces(2, "none") == (5, 9, 3) and tp_all_reduces(2, "full") == (9, 9, 3)
+    one, small = all_reduce_s(8 * 8 * 4, 2, cpu_link), all_reduce_s(4 * 8, 2, cpu_link)
+    assert math.isclose(plan.time["tensor_parallel"], 4 * (14 * one + 3 * small))
+    assert math.isclose(plan.time["host"], 4 * 2 * 1e-3)  # every micro-batch's every layer, on each TP rank
+    # a link beside the compute hides each backward input-gradient all-reduce behind its weight-gradient GEMM:
+    # all of it when the GEMM is slow enough (a tiny peak), nothing of the head's
+    nccl = replace(cpu_link, overlaps_compute=True)
+    slow = plan_layout(cfg, tp2, replace(h100, peak_tflops=1e-9), mfu=0.5, network=Network(nccl, nccl))
+    assert math.isclose(slow.time["tensor_parallel"], 4 * (6 * one + 3 * small))
+    # shards measured at half the full shapes' rate take twice the compute; shapes not all measured: no change
+    rates = {**{shape: 1e9 for shape in layer_gemms(cfg.model, 8, 1)},
+             **{shape: 0.5e9 for shape in layer_gemms(cfg.model, 8, 2)}}
+    measured = plan_layout(cfg, tp2, replace(h100, gemm_rates=tuple(rates.items())), mfu=0.5)
+    assert math.isclose(measured.time["compute"], 2 * plan.time["compute"])
+    partial = plan_layout(cfg, tp2, replace(h100, gemm_rates=tuple(list(rates.items())[:3])), mfu=0.5)
+    assert math.isclose(partial.time["compute"], plan.time["compute"])
 
 
 def test_layouts_that_communicate_differently_rank_differently() -> None:
