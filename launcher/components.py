@@ -199,6 +199,24 @@ class TestEvaluation(PeriodicComponent):
                                                         for m in self.spec.metrics}}
 
 
+class MetricsWriters(PeriodicComponent):
+    """After every step, once every other component ran: the scalars of the records they logged go to TensorBoard
+    and W&B (launcher/metrics.py's writers; metrics.jsonl has them already); at the end the writers are closed
+    (a failed run finishes its W&B run as failed). The outlier evaluation's figures, histograms and tables go
+    to the writers directly, at its step."""
+
+    name = "writers"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(1, cfg.train.steps)
+
+    def run(self, state: TrainState) -> None:
+        state.metrics.write_pending()
+
+    def finish(self, state: TrainState) -> None:
+        state.metrics.close_writers(exit_code=1 if state.failure is not None else 0)
+
+
 def loop_components(state: TrainState, stopper: GracefulStop, stores: dict[str, Any], rates: Rates,
                     extra: list[PeriodicComponent]) -> tuple[list[PeriodicComponent], StopRequest]:
     """The built-in components in loop order, then `extra` (a family's or the user's), and the stop request
@@ -213,6 +231,6 @@ def loop_components(state: TrainState, stopper: GracefulStop, stores: dict[str, 
         TrainLog(cfg, rates), Validation(cfg, state.spec), stop, checkpoint,
         *([OutlierEvaluation(outliers)] if outliers is not None else []),
         *([LmEvaluation(cfg, state.metrics, world.is_main)] if cfg.eval.lm_eval_tasks else []),
-        TestEvaluation(cfg, state.spec), *extra]
+        TestEvaluation(cfg, state.spec), *extra, MetricsWriters(cfg)]  # the writers last: every record of the step
     checkpoint.readers = [component for component in components if component.needs_checkpoint]
     return components, stop

@@ -112,7 +112,8 @@ class Trainer:
                            prep.spec.flops_per_example(self.cfg) / per_example, peak_tflops(self.cfg.logging.peak_tflops))
         metrics = MetricsLogger(self.cfg.run_path, enabled=self.world.is_main, tensorboard=self.cfg.logging.tensorboard,
                                 wandb=self.cfg.logging.wandb, config=self.cfg.to_dict(),
-                                resuming=prep.resume_from is not None)  # a resumed run continues its W&B run
+                                resuming=prep.resume_from is not None,  # a resumed run continues its W&B run
+                                defer_writers=True)  # the MetricsWriters component writes them after each step
         self.state = TrainState(self.cfg, self.world, prep.spec, prep.data, self.pm, self.device, metrics,
                                 progress=None, step=step, start_step=step)
         self.stopper = GracefulStop.install()  # main()'s (or the one installed before the imports as a program)
