@@ -94,7 +94,7 @@ def prepared_sample(data_cfg: Any) -> Path:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from data_pipeline.examples import train_examples
+    from data_pipeline.examples import train_blocks
     from data_pipeline.packing import BlockStream
     from data_pipeline.prefetch import Prefetcher
     from data_pipeline.tokenizer import load_or_train_tokenizer
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         prefetched = Prefetcher(BlockStream(replace(base, shard_by="documents"), tokenizer, "train", 0, dp))
         add("streaming/documents+prefetch", dp, measure(lambda: next(prefetched), args.seconds, step_per_block))
         prefetched.close()
-        indexed = train_examples(indexed_cfg, "causal", tokenizer, dp_rank=0, dp_world=dp)
+        indexed = train_blocks(indexed_cfg, tokenizer, dp_rank=0, dp_world=dp)  # what a causal LM trains on
         add("indexed", dp, measure(lambda: next(indexed), args.seconds))
     return [{**row, "consumption": rates} for row in rows]
 

@@ -90,14 +90,12 @@ class DataConfig:
     # (data_pipeline/prefetch.py; checkpoints still resume at the next example the step takes). 0 = off.
     # Prepared data (source: indexed) reads a sample in microseconds and needs none.
     prefetch: int = 64
-    # Masked-LM examples (model.family=bert): each non-special token is selected with mlm_probability;
-    # a selected token becomes [MASK] (mlm_mask_fraction), a random token (mlm_random_fraction) or stays.
-    # Training masks are seeded by data.seed and the block's global index, evaluation masks by
-    # mlm_eval_seed: the same masks on every run, layout and resume.
-    mlm_probability: float = 0.15
-    mlm_mask_fraction: float = 0.8
-    mlm_random_fraction: float = 0.1
-    mlm_eval_seed: int = 2024
+    # Keys this section no longer has, which a saved config (a checkpoint's config.yaml) may still carry: read
+    # and ignored with one note (launcher.config). BERT's masking settings are its own data section's
+    # (model/bert/data_config.py).
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {
+        key: "masked-LM settings belong to model.family=bert's data section" for key in (
+            "mlm_probability", "mlm_mask_fraction", "mlm_random_fraction", "mlm_eval_seed")}
 
     def validate(self) -> None:
         """Raise ConfigError/ProjectError (one line, naming the key or path) for unusable values."""
@@ -141,19 +139,8 @@ class DataConfig:
         if self.vocab_size < MIN_VOCAB_SIZE and self.tokenizer_type != "char":
             raise ConfigError("data.vocab_size", self.vocab_size,
                               f"must be >= {MIN_VOCAB_SIZE} (special pieces + 256 byte pieces)")
-        for key in ("seed", "mlm_eval_seed"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"data.{key}", value, "must be a non-negative integer")
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError("data.mlm_probability", self.mlm_probability, "must lie strictly between 0 and 1")
-        for key in ("mlm_mask_fraction", "mlm_random_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"data.{key}", value, "must lie in [0, 1]")
-        if self.mlm_mask_fraction + self.mlm_random_fraction > 1.0:
-            raise ConfigError("data.mlm_random_fraction", self.mlm_random_fraction,
-                              f"plus data.mlm_mask_fraction={self.mlm_mask_fraction} must not exceed 1")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("data.seed", self.seed, "must be a non-negative integer")
         for key in ("train_files", "validation_files"):
             value = getattr(self, key)
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from data_pipeline.config import DataConfig
 from data_pipeline.packing import BlockStream
 from common.errors import ProjectError
 
@@ -33,10 +32,6 @@ class MaskingRule:
     probability: float = 0.15
     mask_fraction: float = 0.8
     random_fraction: float = 0.1
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig) -> MaskingRule:
-        return cls(cfg.mlm_probability, cfg.mlm_mask_fraction, cfg.mlm_random_fraction)
 
 
 class Masker:

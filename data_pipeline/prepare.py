@@ -285,6 +285,9 @@ def load_data_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Any:
         values[key.removeprefix("data.")] = yaml.safe_load(value) if value.strip() else ""
     fields = {field.name: field for field in dataclasses.fields(DataConfig)}
     hints = typing.get_type_hints(DataConfig)
+    # A family's own data keys (BERT's masking, model/bert/data_config.py: DataConfig.MOVED_KEYS) shape examples
+    # after preparation: not read here.
+    values = {key: value for key, value in values.items() if key not in DataConfig.MOVED_KEYS}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"data.{key}", value, f"unknown key (valid: {', '.join(sorted(fields))})")

@@ -3,6 +3,7 @@ train log, validation, stop request, checkpoint, outlier + W8A8 evaluation, lm-e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from checkpoint.store import read_latest, save_checkpoint
@@ -18,23 +19,35 @@ from model.family import FamilySpec
 from outliers.periodic import PeriodicOutlierEval
 
 
+@dataclass(frozen=True)
+class Rates:
+    """What a step trains on, in the family's unit (FamilySpec.throughput: tokens, images, windows), and what it
+    costs: the train log's and the summary's `<unit>_per_s`, `<unit>` and TFLOP/s / MFU."""
+
+    unit: str
+    per_step: int  # units per optimizer step (global batch x units per example)
+    flops_per_unit: float  # training FLOPs of one unit
+    peak: float | None  # per-device peak TFLOP/s (None: no MFU)
+
+
 class TrainLog(PeriodicComponent):
     """Every `logging.log_interval` steps: the window's mean loss, LR, gradient norm and throughput."""
 
     name = "train"
 
-    def __init__(self, cfg: RunConfig, tokens_per_step: int, flops_token: float, peak: float | None) -> None:
+    def __init__(self, cfg: RunConfig, rates: Rates) -> None:
         super().__init__(cfg.logging.log_interval, cfg.train.steps)
-        self.tokens_per_step, self.flops_token, self.peak = tokens_per_step, flops_token, peak
+        self.rates = rates
         self.last_loss = float("nan")
 
     def run(self, state: TrainState) -> None:
         self.last_loss, elapsed, steps = state.window.close()
-        tokens_per_s = steps * self.tokens_per_step / elapsed
+        rates = self.rates
+        per_s = steps * rates.per_step / elapsed
         record = {"loss": self.last_loss, "lr": state.lr,
                   "grad_norm": float(state.grad_norm) if state.grad_norm is not None else float("nan"),
-                  "tokens_per_s": tokens_per_s, "tokens": state.step * self.tokens_per_step,
-                  **throughput_metrics(tokens_per_s, self.flops_token, state.world.world_size, self.peak)}
+                  f"{rates.unit}_per_s": per_s, rates.unit: state.step * rates.per_step,
+                  **throughput_metrics(per_s, rates.flops_per_unit, state.world.world_size, rates.peak)}
         state.metrics.log(state.step, "train", record)
         state.progress.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{state.lr:.2e}")
 
@@ -186,21 +199,38 @@ class TestEvaluation(PeriodicComponent):
                                                         for m in self.spec.metrics}}
 
 
-def loop_components(state: TrainState, stopper: GracefulStop, stores: dict[str, Any],
-                    rates: tuple[int, float, float | None],
+class MetricsWriters(PeriodicComponent):
+    """After every step, once every other component ran: the scalars of the records they logged go to TensorBoard
+    and W&B (launcher/metrics.py's writers; metrics.jsonl has them already); at the end the writers are closed
+    (a failed run finishes its W&B run as failed). The outlier evaluation's figures, histograms and tables go
+    to the writers directly, at its step."""
+
+    name = "writers"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(1, cfg.train.steps)
+
+    def run(self, state: TrainState) -> None:
+        state.metrics.write_pending()
+
+    def finish(self, state: TrainState) -> None:
+        state.metrics.close_writers(exit_code=1 if state.failure is not None else 0)
+
+
+def loop_components(state: TrainState, stopper: GracefulStop, stores: dict[str, Any], rates: Rates,
                     extra: list[PeriodicComponent]) -> tuple[list[PeriodicComponent], StopRequest]:
     """The built-in components in loop order, then `extra` (a family's or the user's), and the stop request
-    the loop asks whether to end early. `stores`: what saves its state into every checkpoint; `rates`: (tokens
-    per step, FLOPs per token, peak TFLOP/s) for the train log's throughput."""
+    the loop asks whether to end early. `stores`: what saves its state into every checkpoint; `rates`: the train
+    log's throughput."""
     cfg, world = state.cfg, state.world
     stop = StopRequest(cfg, stopper)
     checkpoint = Checkpoint(cfg, stores, stop)
     outliers = PeriodicOutlierEval.create(cfg, state.data.validation, state.metrics, is_main=world.is_main,
                                           world_size=world.world_size)
     components: list[PeriodicComponent] = [
-        TrainLog(cfg, *rates), Validation(cfg, state.spec), stop, checkpoint,
+        TrainLog(cfg, rates), Validation(cfg, state.spec), stop, checkpoint,
         *([OutlierEvaluation(outliers)] if outliers is not None else []),
         *([LmEvaluation(cfg, state.metrics, world.is_main)] if cfg.eval.lm_eval_tasks else []),
-        TestEvaluation(cfg, state.spec), *extra]
+        TestEvaluation(cfg, state.spec), *extra, MetricsWriters(cfg)]  # the writers last: every record of the step
     checkpoint.readers = [component for component in components if component.needs_checkpoint]
     return components, stop

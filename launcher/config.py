@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +230,7 @@ class RunConfig:
         for section in (self.model, self.data, self.parallel, self.train, self.logging, self.eval):
             section.validate()
         spec = family_of(self.model)
-        if self.eval.lm_eval_tasks and not spec.causal_lm:
+        if self.eval.lm_eval_tasks and spec.causal_lm_export() is None:  # lm-eval scores an exported causal LM
             raise ConfigError("eval.lm_eval_tasks", self.eval.lm_eval_tasks,
                               f"needs a causal LM (model.family=opt), not {self.model.family}")
         mode = self.parallel.activation_checkpointing
@@ -255,9 +256,15 @@ def _build(cls: type, values: dict[str, Any], prefix: str, classes: dict[str, ty
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    moved = {key: why for key, why in getattr(cls, "MOVED_KEYS", {}).items() if key in values and key not in fields}
+    if moved:  # e.g. an older checkpoint's config.yaml: readable, and said in one line
+        print(f"note: {', '.join(f'{prefix}.{key}' for key in moved)} ignored: {'; '.join(sorted(set(moved.values())))}",
+              file=sys.stderr)
     for key, value in values.items():
         # Users write `attention.x`, though it lives at model.attention.
         name = "attention" if (prefix, key) == ("model", "attention") else f"{prefix}.{key}" if prefix else key
+        if key in moved:
+            continue
         if key not in fields:
             valid = sorted(fields - {"attention"}) if prefix == "model" else sorted(fields)
             raise ConfigError(name, value, f"unknown key (valid: {', '.join(valid)})")

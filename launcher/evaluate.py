@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint: FP perplexity, outlier statistics per module, and (--quant w8a8) W8A8 perplexity.
+"""Evaluate a checkpoint: the family's FP metrics, outlier statistics per module, and (--quant w8a8) the W8A8 metrics.
 
 Works for every model family with the family's metrics (model/family.py): OPT next-token perplexity, BERT MLM
-perplexity over the positions the fixed evaluation masks of data.mlm_eval_seed select, ...
+perplexity over the positions the fixed evaluation masks of data.mlm_eval_seed select, ViT top-1, STanHop-Net
+MSE and MAE.
 
     python -m launcher.evaluate --checkpoint runs/opt_tiny/checkpoints/step_300 [--quant w8a8] [--json]
 

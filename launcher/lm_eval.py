@@ -220,7 +220,7 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, limit: int | None =
     cfg, state = load_full_state_dict(checkpoint)
     from model.family import family_of
 
-    if not family_of(cfg.model).causal_lm:
+    if family_of(cfg.model).causal_lm_export() is None:  # the harness loads the export as AutoModelForCausalLM
         raise ProjectError(f"lm-eval needs a causal LM; {folder} holds a {cfg.model.family} model")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="outeffhop-lm-eval-") as tmp:

@@ -48,8 +48,8 @@ class LiveTensorMemory(TorchDispatchMode):
 
 def measure_activation_peak(cfg: Any, seed: int = 0) -> int:
     """Peak bytes of one training forward+backward of `cfg` (a RunConfig) at train.micro_batch_size x
-    data.seq_length on CPU in fp32 with parallel.activation_checkpointing: random tokens; MLM labels select
-    data.mlm_probability of the positions."""
+    data.seq_length on CPU in fp32 with parallel.activation_checkpointing: the family's synthetic batch of random
+    inputs (FamilySpec.synthetic_batch: e.g. BERT's labels select data.mlm_probability of the positions)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_model(cfg.model, seq_length=cfg.data.seq_length)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from launcher.throughput import cost_model
 from model import variants
 from model.config import ModelConfig
+from model.family import Section
 from model.recompute import recompute_mode
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -151,15 +152,15 @@ def layer_activation_elements(m: ModelConfig, micro_batch: int, seq: int, tp: in
 
 
 def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, act_bytes: int,
-                          mlm_probability: float) -> tuple[float, float]:
+                          data_cfg: Section | None = None) -> tuple[float, float]:
     """(kept, backward peak extra) bytes of the output end for one micro-batch on the last stage.
 
     The loss keeps fp32 log-probabilities [tokens, V/t] (losses are computed in fp32 whatever the weights);
     backward briefly holds their gradient and the logits' gradient (fp32, + a 16-bit cast): 2-2.5x that.
-    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~mlm_probability selected tokens
+    OPT: final LN in/out and the head's input 3xh; BERT: the MLM head on the ~data.mlm_probability selected tokens
     (gathered hidden, dense out, GELU out, LN out: 4nh)."""
     x, vocab = seq * micro_batch, m.padded_vocab_size / tp
-    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, mlm_probability)
+    kept_other, predicted = cost_model(m).head_activations(m, x, act_bytes, data_cfg)  # the family reads the data section
     logprobs = 4 * predicted * vocab
     backward = (4 + 4 + (act_bytes if act_bytes != 4 else 0)) * predicted * vocab
     return kept_other + logprobs, backward
@@ -167,7 +168,7 @@ def head_activation_bytes(m: ModelConfig, micro_batch: int, seq: int, tp: int, a
 
 def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pipeline: int, stage: int,
                      in_flight: int, checkpointing: str | bool, act_bytes: int, device_kind: str,
-                     mlm_probability: float = 0.15) -> float:
+                     data_cfg: Section | None = None) -> float:
     """Peak activation bytes of pipeline stage `stage` holding `in_flight` micro-batches (1F1B), with
     `checkpointing` one of RECOMPUTE_MODES."""
     mode = recompute_mode(checkpointing)
@@ -184,6 +185,6 @@ def activation_bytes(m: ModelConfig, *, micro_batch: int, seq: int, tp: int, pip
     if stage == 0 and cost_model(m).embedding_norm:  # embedding LayerNorm input (+ dropout mask)
         kept += in_flight * seq * micro_batch * m.hidden_size * (act_bytes + (mask_bytes if m.dropout > 0 else 0))
     if stage == pipeline - 1:  # the last stage finishes each micro-batch's backward before the next forward
-        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, mlm_probability)
+        head, backward = head_activation_bytes(m, micro_batch, seq, tp, act_bytes, data_cfg)
         kept += head + backward
     return kept

@@ -241,7 +241,7 @@ def plan_layout(cfg: Any, layout: LayoutChoice, device: Device, mfu: float = 0.4
         acts = activation_bytes(m, micro_batch=layout.micro_batch_size, seq=seq, tp=layout.tensor,
                                 pipeline=layout.pipeline, stage=stage, in_flight=in_flight,
                                 checkpointing=layout.activation_checkpointing, act_bytes=act_bytes,
-                                device_kind=device.kind, mlm_probability=cfg.data.mlm_probability)
+                                device_kind=device.kind, data_cfg=cfg.data)
         plan = Plan(layout, device, precision, params, total_params(m), {**states, "activations": acts},
                     stage=stage, in_flight=in_flight, mfu=mfu)
         if best is None or plan.total > best.total:

@@ -19,6 +19,11 @@ def number(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None and math.isfinite(value) else "n/a"
 
 
+def _count(n: float) -> str:
+    """Millions as text tokens have always been printed ("1.23M"); a smaller count in full."""
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,.0f}"
+
+
 def metric_text(spec: FamilySpec, values: dict[str, Any], prefix: str = "val") -> str:
     """The family's metrics as text, e.g. "val ppl 12.34" or "val top-1 0.912"."""
     return ", ".join(f"{prefix} {m.summary_label or m.label} {number(values.get(m.name), m.fmt)}"
@@ -26,13 +31,14 @@ def metric_text(spec: FamilySpec, values: dict[str, Any], prefix: str = "val") -
 
 
 def print_summary(summary: dict[str, Any], run_path: Path, spec: FamilySpec) -> None:
-    tps = summary["tokens_per_s"]
+    unit = spec.throughput.unit  # tokens, images, windows
+    per_s = summary[f"{unit}_per_s"]
     metrics = {m.name: summary.get(f"val_{m.name}") for m in spec.metrics}
     quantized = {m.name: summary.get(f"w8a8_val_{m.name}") for m in spec.metrics}
     baseline = summary.get("uniform_ppl")
     lines = [
-        f"== {summary['run_name']}: {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens in "
-        f"{format_duration(summary['wall_time_s'])}" + (f" ({tps:,.0f} tokens/s)" if tps else "") + " ==",
+        f"== {summary['run_name']}: {summary['steps']} steps, {_count(summary[unit])} {unit} in "
+        f"{format_duration(summary['wall_time_s'])}" + (f" ({per_s:,.0f} {unit}/s)" if per_s else "") + " ==",
         f"train loss {number(summary['train_loss'], '.4f')} | val loss {number(summary['val_loss'], '.4f')} | "
         + metric_text(spec, metrics).replace(", ", " | ") + (f" (uniform baseline {baseline:.0f})" if baseline else ""),
         *([f"{metric_text(spec, quantized, 'W8A8 val').replace(', ', ' | ')} | avg kurtosis "

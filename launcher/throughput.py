@@ -26,8 +26,8 @@ def cost_model(cfg: ModelSection) -> CostModel:
 
 def flops_per_token(cfg: ModelSection, seq_length: int, data_cfg: Section | None = None) -> float:
     """Training FLOPs per token of the model `cfg` describes at this sequence length (the family's accounting,
-    CostModel.flops_per_token, which reads what it needs of the run's data section, e.g. BERT's selected
-    fraction data.mlm_probability; None: the family's defaults)."""
+    CostModel.flops_per_token, which reads what it needs of the run's data section; None: the family's
+    defaults)."""
     return cost_model(cfg).flops_per_token(cfg, seq_length, data_cfg)
 
 
@@ -43,8 +43,10 @@ def peak_tflops(configured: float | None) -> float | None:
     return None
 
 
-def throughput_metrics(tokens_per_s: float, flops_token: float, devices: int, peak: float | None) -> dict[str, float]:
-    tflops = tokens_per_s * flops_token / devices / 1e12
+def throughput_metrics(per_s: float, flops_per_unit: float, devices: int, peak: float | None) -> dict[str, float]:
+    """TFLOP/s per device (and MFU against `peak`) of `per_s` units a second (tokens, images, windows: the
+    family's Throughput unit) at `flops_per_unit` training FLOPs each."""
+    tflops = per_s * flops_per_unit / devices / 1e12
     values = {"tflops_per_device": tflops}
     if peak:
         values["mfu"] = tflops / peak

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from checkpoint.runlock import RunDirInUse, RunLock
 from checkpoint.store import DATA, PARALLEL, load_checkpoint
 from launcher import json_safe
-from launcher.components import loop_components
+from launcher.components import Rates, loop_components
 from launcher.config import RunConfig, save_config
 from launcher.distributed import WorldInfo, init_process_group
 from launcher.metrics import MetricsLogger
@@ -106,17 +106,18 @@ class Trainer:
         stores = {DATA: prep.data.train, PARALLEL: self.pm}  # what saves its own state into every checkpoint
         step = self._resume(stores)
         self.example_length = prep.spec.example_length(self.cfg)
-        rates = (self.cfg.train.global_batch_size * self.example_length,
-                 prep.spec.flops_per_example(self.cfg) / self.example_length,  # FLOPs per token (patch, segment)
-                 peak_tflops(self.cfg.logging.peak_tflops))
-        self.tokens_per_step, self.flops_token, self.peak = rates
+        throughput = prep.spec.throughput  # what the family counts: tokens, images, windows
+        per_example = throughput.per_example(self.cfg) if throughput.per_example else self.example_length
+        self.rates = Rates(throughput.unit, self.cfg.train.global_batch_size * per_example,
+                           prep.spec.flops_per_example(self.cfg) / per_example, peak_tflops(self.cfg.logging.peak_tflops))
         metrics = MetricsLogger(self.cfg.run_path, enabled=self.world.is_main, tensorboard=self.cfg.logging.tensorboard,
                                 wandb=self.cfg.logging.wandb, config=self.cfg.to_dict(),
-                                resuming=prep.resume_from is not None)  # a resumed run continues its W&B run
+                                resuming=prep.resume_from is not None,  # a resumed run continues its W&B run
+                                defer_writers=True)  # the MetricsWriters component writes them after each step
         self.state = TrainState(self.cfg, self.world, prep.spec, prep.data, self.pm, self.device, metrics,
                                 progress=None, step=step, start_step=step)
         self.stopper = GracefulStop.install()  # main()'s (or the one installed before the imports as a program)
-        self.components, self.stop = loop_components(self.state, self.stopper, stores, rates,
+        self.components, self.stop = loop_components(self.state, self.stopper, stores, self.rates,
                                                      [*prep.periodic, *extra])
         self._log_start()
         self.backend = resolve_backend(self.cfg.attention.backend, self.cfg.attention.variant, self.device)
@@ -184,22 +185,22 @@ class Trainer:
     def _summary(self, wall: float) -> dict[str, Any]:
         """summary.json: the run's facts, then what each component reports."""
         cfg, state, world = self.cfg, self.state, self.world
-        failure = state.failure
-        tokens_per_s = (state.step - state.start_step) * self.tokens_per_step / wall if wall > 0 else None
+        failure, rates = state.failure, self.rates
+        per_s = (state.step - state.start_step) * rates.per_step / wall if wall > 0 else None
         reported = {key: value for component in self.components for key, value in component.summary().items()}
         return {
             "run_name": cfg.logging.run_name, "steps": state.step,
             "completed": failure is None and state.step >= cfg.train.steps,
-            "tokens": state.step * self.tokens_per_step, **reported,
+            rates.unit: state.step * rates.per_step, **reported,
             "parameters": self.pm.num_parameters, "model_family": cfg.model.family,
-            "objective": self.pm.family.objective, "attention_variant": cfg.attention.variant,
+            "objective": self.pm.family.objective.name, "attention_variant": cfg.attention.variant,
             "attention_backend": self.backend, "gated": cfg.attention.gated, "world_size": world.world_size,
             "layout": vars(self.prep.layout), "zero_stage": cfg.parallel.zero_stage,
-            "wall_time_s": wall, "tokens_per_s": tokens_per_s,
+            "wall_time_s": wall, f"{rates.unit}_per_s": per_s,
             "stopped_by": "nonfinite" if isinstance(failure, NonFiniteStop) else reported.get("stopped_by"),
             "error": str(failure) if failure is not None else None,
             "attempt": slurm_attempt(),  # which Slurm job attempt wrote this (requeue decisions trust only their own)
-            **throughput_metrics(tokens_per_s or 0.0, self.flops_token, world.world_size, self.peak),
+            **throughput_metrics(per_s or 0.0, rates.flops_per_unit, world.world_size, rates.peak),
         }
 
     def _build_model(self) -> Any:

@@ -15,9 +15,11 @@ Families register themselves with `register_family(spec)`. The built-in ones (`m
 config as `model.family: package.module:SPEC` (the spec object's import path) and is imported and registered
 the first time it is looked up, in every process (`launcher.pretrain` under `deepspeed` included).
 
-A new family is one package: subclass `FamilySpec`, fill in what it supports, register it. Everything not
-overridden either has a family-neutral default (loss-weighted metrics, no pipeline, no HF export) or says
-in one line that the family does not support it.
+A new family is one package: subclass `FamilySpec`, fill in what it supports, register it. The spec provides
+pieces rather than yes/no flags: its objective, tensor-parallel split, pipeline stages, planner cost model,
+Hugging Face adapter and throughput unit; a piece a family lacks is None, and whoever needs it says so in one
+line naming the family. Everything not overridden either has a family-neutral default (loss-weighted metrics,
+no pipeline, no HF export) or says in one line that the family does not support it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
 
 # Built-in families, imported lazily (model packages pull in heavy dependencies such as timm or entmax).
 BUILTIN_FAMILIES = {"opt": "model.opt", "bert": "model.bert", "vit": "model.vit", "stanhop": "model.stanhop"}
+
+# The Auto class of an exported causal LM: what lm-eval loads (launcher/lm_eval.py).
+CAUSAL_LM_CLASS = "AutoModelForCausalLM"
 
 # One training example as a family's data makes it: a token block [seq] (OPT), masked ids + labels [2, seq]
 # (BERT), (pixels, class) (ViT), (input window, target window) (STanHop-Net).
@@ -99,7 +104,7 @@ class CostModel(Protocol):
 
     def embedding_params(self, cfg: ModelSection, tp: int = 1) -> tuple[int, int]: ...
     def head_activations(self, cfg: ModelSection, tokens: int, act_bytes: int,
-                         mlm_probability: float) -> tuple[float, int]: ...
+                         data_cfg: Section | None = None) -> tuple[float, int]: ...
     def flops_per_token(self, cfg: ModelSection, seq_length: int, data_cfg: Section | None = None) -> float: ...
 
 
@@ -179,6 +184,77 @@ class Metric:
     description: str = ""  # what the numbers are, for study headers, e.g. "MLM perplexities"
 
 
+class Objective(Protocol):
+    """What a family trains for: its name in the run summary (`objective`), e.g. "causal", "mlm",
+    "classification", "forecasting". The text families' objectives also make their examples from packed token
+    blocks (data_pipeline/examples.py's `TextObjective`: model/opt/objective.py, model/bert/objective.py)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class NamedObjective:
+    """An objective whose examples and loss the family's spec makes itself (ViT, STanHop-Net): its name."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How a family counts what it trains on (the training log's and summary's `<unit>_per_s` and `<unit>`, and
+    the FLOPs per unit behind TFLOP/s and MFU): text families count tokens, an image family images, a
+    forecasting family windows."""
+
+    unit: str  # plural, e.g. "tokens", "images", "windows"
+    # How many units one example is (one image or window: 1); None: its positions, FamilySpec.example_length
+    per_example: Callable[[RunSettings], int] | None = None
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A family's tensor parallelism (Megatron's column/row split of attention heads and FFN, through the
+    `layers` factory its `build` takes): the `model:` keys whose sizes parallel.tensor must divide. A family
+    without one (None) runs with parallel.tensor=1 only."""
+
+    keys: tuple[str, ...] = ()
+
+    def check(self, cfg: ModelSection, tensor: int) -> None:
+        for key in self.keys:
+            size = getattr(cfg, key)
+            if size % tensor:
+                raise ConfigError("parallel.tensor", tensor, f"must divide model.{key}={size}")
+
+
+# A transformer's split: heads, FFN and hidden width (OPT, BERT, ViT).
+TRANSFORMER_SPLIT = TensorSplit(("num_heads", "ffn_hidden_size", "hidden_size"))
+
+
+class PipelineStages(Protocol):
+    """A family's DeepSpeed pipeline (parallel/pipeline.py): its stages and the names of their parameters."""
+
+    def parts(self, cfg: ModelSection, seq_length: int, layers: LocalLayers) -> PipelineParts: ...
+    def canonical_name(self, name: str, cfg: ModelSection) -> str:
+        """A PipelineModule parameter name -> the single-process model's name."""
+        ...
+
+
+@dataclass(frozen=True)
+class StagesModule:
+    """PipelineStages defined as two functions of one module, `pipeline_parts(cfg, seq_length, layers)` and
+    `canonical_name(name, cfg)` (model/<family>/pipeline.py), imported on first use: DeepSpeed's pipe module
+    takes seconds to import and a single-process run never needs it."""
+
+    module: str
+
+    def parts(self, cfg: ModelSection, seq_length: int, layers: LocalLayers) -> PipelineParts:
+        parts: PipelineParts = importlib.import_module(self.module).pipeline_parts(cfg, seq_length, layers)
+        return parts
+
+    def canonical_name(self, name: str, cfg: ModelSection) -> str:
+        return str(importlib.import_module(self.module).canonical_name(name, cfg))
+
+
 @dataclass(frozen=True)
 class PipelineParts:
     """A family's DeepSpeed pipeline: LayerSpecs in order, the loss of the last stage, the repeated block's
@@ -201,11 +277,16 @@ class FamilySpec(ABC):
     name: ClassVar[str]
     model_config_class: ClassVar[type]  # the `model:` section (a dataclass with family, attention, validate())
     data_config_class: ClassVar[type]  # the `data:` section
-    objective: ClassVar[str] = ""  # what the family trains for, e.g. "causal", "mlm", "classification"
+    objective: ClassVar[Objective]  # what the family trains for (the summary's `objective` is its name)
     metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
-    causal_lm: ClassVar[bool] = False  # lm-eval and data.bos need a causal language model
-    supports_tensor_parallel: ClassVar[bool] = True
-    supports_pipeline: ClassVar[bool] = True
+    # What the training log's throughput counts (`tokens_per_s` for text; the family names its own unit)
+    throughput: ClassVar[Throughput] = Throughput("tokens")
+    # What an evaluation's targets are (num_targets), its count's name in val/test records: predicted tokens for
+    # text, images for an image classifier, forecast points for a forecaster
+    target_unit: ClassVar[str] = "tokens"
+    # The pieces a parallel layout needs; None: the family refuses that layout in one line (check_layout)
+    tensor_parallel: ClassVar[TensorSplit | None] = TensorSplit()
+    pipeline_stages: ClassVar[PipelineStages | None] = None
     ptq_weight_range: ClassVar[str] = "mse"  # W8A8 weight-range recipe for eval.w8a8_weight_range=auto
     clipped_softmax_alpha: ClassVar[float | None] = None  # launcher.study's clipped recipe: gamma = -alpha / T
     # Class names of the repeated blocks (their subclasses too, e.g. the pipeline's): what full activation
@@ -305,19 +386,14 @@ class FamilySpec(ABC):
             m.name == "ppl" for m in self.metrics) else {}
 
     # ------------------------------------------------------------------ parallel layouts
-    def pipeline(self, cfg: ModelSection, seq_length: int, layers: LocalLayers) -> PipelineParts:
-        raise ConfigError("parallel.pipeline", ">1", f"is not supported by model.family={self.name}")
-
-    def canonical_name(self, name: str, cfg: ModelSection) -> str:
-        """A PipelineModule parameter name -> the single-process model's name."""
-        raise NotImplementedError(f"{self.name} has no pipeline")
-
     def check_layout(self, cfg: ModelSection, tensor: int, pipeline: int) -> None:
-        """One line when the family cannot run this layout (e.g. heads not divisible by TP)."""
-        if tensor > 1 and not self.supports_tensor_parallel:
+        """One line when the family cannot run this layout (no TP / pipeline piece, heads not divisible by TP)."""
+        if tensor > 1 and self.tensor_parallel is None:
             raise ConfigError("parallel.tensor", tensor, f"must be 1: model.family={self.name} has no tensor "
                               "parallelism (it is small enough for data parallelism)")
-        if pipeline > 1 and not self.supports_pipeline:
+        if tensor > 1 and self.tensor_parallel is not None:
+            self.tensor_parallel.check(cfg, tensor)
+        if pipeline > 1 and self.pipeline_stages is None:
             raise ConfigError("parallel.pipeline", pipeline, f"must be 1: model.family={self.name} has no pipeline "
                               "parallelism (it is small enough for data parallelism)")
         layers = getattr(cfg, "num_layers", None)
@@ -377,6 +453,12 @@ class FamilySpec(ABC):
 
     # ------------------------------------------------------------------ export
     hf: ClassVar[HFAdapter | None] = None  # the Hugging Face / timm adapter (model/<family>/hf.py), or None: no export
+
+    def causal_lm_export(self) -> HFAdapter | None:
+        """The adapter when the family's export loads as a causal LM (`AutoModelForCausalLM`: what the
+        lm-evaluation-harness scores), else None."""
+        adapter = self.hf
+        return adapter if adapter is not None and adapter.auto_class == CAUSAL_LM_CLASS else None
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

@@ -10,11 +10,13 @@ from typing import Any, ClassVar
 import torch
 
 from common.errors import ConfigError
-from model.family import BackcopyTask, FamilyData, FamilySpec, Metric
+from data_pipeline.examples import TextObjective
+from model.family import TRANSFORMER_SPLIT, FamilyData, FamilySpec, Metric
 
 
 class TextFamilySpec(FamilySpec):
-    objective: ClassVar[str]  # which examples data_pipeline/examples.py makes: "causal" or "mlm"
+    objective: ClassVar[TextObjective]  # what an example is (model/opt/objective.py, model/bert/objective.py)
+    tensor_parallel = TRANSFORMER_SPLIT
     metrics = (Metric("ppl", "ppl", higher_is_better=False),)
 
     @property
@@ -34,26 +36,10 @@ class TextFamilySpec(FamilySpec):
         if cfg.data.seq_length > cfg.model.max_position_embeddings:
             raise ConfigError("data.seq_length", cfg.data.seq_length,
                               f"exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
-        if cfg.data.bos and not self.causal_lm:
-            raise ConfigError("data.bos", cfg.data.bos, f"is for causal LMs (model.family=opt); {self.name}'s "
-                              "examples already start with [CLS], a fixed first token")
-
-    def backcopy_task(self, cfg: Any) -> BackcopyTask | None:
-        """A causal LM on the bigram_backcopy source alone: its triggers and the char tokenizer's first
-        character id (what the task-aware sink metrics split queries by)."""
-        data = cfg.data
-        if not self.causal_lm or data.source != "bigram_backcopy" or data.sources:
-            return None
-        from data_pipeline.bigram import trigger_token_ids
-        from data_pipeline.char_tokenizer import FIRST_CHAR_ID
-
-        return BackcopyTask(trigger_token_ids(data), FIRST_CHAR_ID)
 
     def check_layout(self, cfg: Any, tensor: int, pipeline: int) -> None:
-        for key, size in (("model.num_heads", cfg.num_heads), ("model.ffn_hidden_size", cfg.ffn_hidden_size),
-                          ("model.hidden_size", cfg.hidden_size)):
-            if size % tensor:
-                raise ConfigError("parallel.tensor", tensor, f"must divide {key}={size}")
+        if self.tensor_parallel is not None:  # heads and widths first, then the vocab-parallel embedding
+            self.tensor_parallel.check(cfg, tensor)
         if cfg.padded_vocab_size % tensor:
             raise ConfigError("parallel.tensor", tensor, f"must divide the padded vocabulary {cfg.padded_vocab_size}; "
                               f"set model.pad_vocab_to_multiple_of to a multiple of {tensor}")
@@ -132,8 +118,9 @@ class TextFamilySpec(FamilySpec):
         """(first-stage, last-stage) parameters outside the layers on one TP rank."""
         raise NotImplementedError
 
-    def head_activations(self, cfg: Any, tokens: int, act_bytes: int, mlm_probability: float) -> tuple[float, int]:
-        """(bytes the output end keeps besides the log-probabilities, number of predicted positions)."""
+    def head_activations(self, cfg: Any, tokens: int, act_bytes: int, data_cfg: Any = None) -> tuple[float, int]:
+        """(bytes the output end keeps besides the log-probabilities, number of predicted positions); `data_cfg`:
+        the run's data section (None: the family's defaults)."""
         return 3 * tokens * cfg.hidden_size * act_bytes, tokens  # final LN in/out and the head's input
 
     def synthetic_batch(self, cfg: Any, generator: torch.Generator) -> Any:

@@ -134,8 +134,8 @@ def family_metrics(model: nn.Module, blocks: list[Any], micro_batch_size: int) -
 @torch.no_grad()
 def evaluate_model(model: nn.Module, val_blocks: list[torch.Tensor], calib_blocks: list[torch.Tensor] | None,
                    settings: EvalSettings) -> Evaluation:
-    """FP perplexity with outlier statistics, then (settings.ptq set) W8A8 perplexity of a quantized copy
-    calibrated on `calib_blocks`. `model` must be in eval mode; it is not modified."""
+    """The family's FP metrics (perplexity, top-1, MSE: FamilySpec.metrics) with outlier statistics, then
+    (settings.ptq set) the same metrics of a W8A8 quantized copy calibrated on `calib_blocks`. `model` must be in eval mode; it is not modified."""
     if model.training:
         raise ValueError("evaluate_model needs a model in eval mode (dropout off), e.g. from model_from_state")
     # Evaluation must not shift the training run's random stream; compiled blocks (train.compile) run eagerly:

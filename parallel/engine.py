@@ -196,8 +196,9 @@ def train_step(pm: ParallelModel, batches: Iterator[Batch], grad_accumulation: i
 @torch.no_grad()
 def eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
               device: torch.device) -> dict[str, float]:
-    """The family's validation metrics over every data-parallel rank's examples: {"loss", e.g. "ppl", ...,
-    "tokens"}, each batch weighted by its number of targets (FamilySpec.eval_sums / finish_metrics)."""
+    """The family's validation metrics over every data-parallel rank's examples: {"loss", e.g. "ppl", ..., and
+    the number of targets under the family's name for them, e.g. "tokens"}, each batch weighted by its number of
+    targets (FamilySpec.eval_sums / finish_metrics, FamilySpec.target_unit)."""
     with eager() if pm.compiled else contextlib.nullcontext():
         return _eval_loss(pm, examples, micro_batch_size, device)
 
@@ -223,4 +224,4 @@ def _eval_loss(pm: ParallelModel, examples: list[Any], micro_batch_size: int,
     # other stages): the sums over data-parallel ranks are the same on every rank.
     sums = {key: _dp_mean(value, pm) * pm.layout.data for key, value in sorted(sums.items())}
     engine.train()
-    return {**spec.finish_metrics(sums), "tokens": sums.get("targets", 0.0)}
+    return {**spec.finish_metrics(sums), spec.target_unit: sums.get("targets", 0.0)}

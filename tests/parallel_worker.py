@@ -78,10 +78,16 @@ def prepared_examples(family: str, dp_rank: int, dp_world: int, blend: bool = Fa
     from data_pipeline.config import DataConfig
     from data_pipeline.examples import train_examples
     from data_pipeline.tokenizer import load_or_train_tokenizer
+    from model.bert.data_config import BertDataConfig
+    from model.bert.objective import MASKED_LM
+    from model.opt.objective import CAUSAL_LM
 
-    cfg = (DataConfig(sources=json.loads(os.environ["PREPARED_BLEND"]), seq_length=SEQ) if blend else
-           DataConfig(source="indexed", path=os.environ["PREPARED"], seq_length=SEQ, mlm_probability=MLM_PROBABILITY))
-    objective = "mlm" if family == "bert" else "causal"
+    bert = family == "bert"
+    data_class = BertDataConfig if bert else DataConfig  # BERT's data section holds its masking settings
+    cfg = (data_class(sources=json.loads(os.environ["PREPARED_BLEND"]), seq_length=SEQ) if blend else
+           data_class(source="indexed", path=os.environ["PREPARED"], seq_length=SEQ,
+                      **({"mlm_probability": MLM_PROBABILITY} if bert else {})))
+    objective = MASKED_LM if bert else CAUSAL_LM
     stream = train_examples(cfg, objective, load_or_train_tokenizer(cfg), dp_rank=dp_rank, dp_world=dp_world,
                             vocab_size=VOCAB)
     return torch.stack([next(stream) for _ in range(STEPS * GLOBAL // dp_world)])

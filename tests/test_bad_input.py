@@ -98,7 +98,8 @@ CASES: dict[str, Case] = {
     "source unknown": Case("data.source", {"data.source": "s3"}),
     "language unknown": Case("data.language", {"data.language": "xx"}),
     "data vocab too small": Case("data.vocab_size", {"data.vocab_size": 100}),
-    "mlm fractions over one": Case("data.mlm_random_fraction", {"data.mlm_random_fraction": 0.5}),
+    "mlm fractions over one": Case("data.mlm_random_fraction", {"model.family": "bert",  # BERT's data section's key
+                                                               "data.mlm_random_fraction": 0.5}),
     "log interval zero": Case("logging.log_interval", {"logging.log_interval": 0}),
     "peak tflops negative": Case("logging.peak_tflops", {"logging.peak_tflops": -1}),
     "run name dot dot": Case("logging.run_name", {"logging.run_name": ".."}),

@@ -74,7 +74,7 @@ def test_mlm_loss_covers_only_labelled_positions() -> None:
     expected = F.cross_entropy(logits[keep], labels[keep])
     assert torch.allclose(model(ids, attention_mask=mask, labels=labels), expected, atol=1e-6)
     family = family_of(model.config)
-    assert family.objective == "mlm" and family.num_targets(Batch(ids, labels)) == 4
+    assert family.objective.name == "mlm" and family.num_targets(Batch(ids, labels)) == 4
 
 
 def test_families_build_the_right_model_and_bad_family_is_one_line() -> None:

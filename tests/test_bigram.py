@@ -15,6 +15,7 @@ from data_pipeline import BlockStream, DataConfig, load_or_train_tokenizer, open
 from data_pipeline.bigram import BigramBackcopySource, count_bigrams, table_from_counts, wiki_bigram_counts
 from data_pipeline.char_tokenizer import ALPHABET, FIRST_CHAR_ID, CharTokenizer
 from data_pipeline.examples import train_examples
+from model.opt.objective import CAUSAL_LM
 from common.errors import ConfigError, ProjectError
 
 
@@ -113,7 +114,7 @@ def test_validation_is_fixed_and_blends_work(cfg: DataConfig) -> None:
     blend = replace(cfg, sources=[{"name": "copy3", "source": "bigram_backcopy", "weight": 0.5},
                                   {"name": "copy1", "source": "bigram_backcopy", "backcopy_triggers": 1, "weight": 0.5},
                                   {"name": "wiki", "source": "wiki_sample", "weight": 0.2}])
-    stream = train_examples(blend, "causal", tok)
+    stream = train_examples(blend, CAUSAL_LM, tok)
     blocks = _take(stream, 40)
     assert all(b[0] == tok.bos_id for b in blocks) and min(stream.counts) > 0
     text = tok.decode(tok.encode("Paris, 1900!\nÉté"))

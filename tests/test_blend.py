@@ -15,6 +15,8 @@ from data_pipeline.blend import BlendStream
 from data_pipeline.config import SHARD_BY as SHARD_MODES, DataConfig, blend_parts
 from data_pipeline.examples import eval_examples, eval_examples_by_source, train_examples
 from data_pipeline.tokenizer import load_or_train_tokenizer
+from model.bert.objective import MASKED_LM
+from model.opt.objective import CAUSAL_LM
 from common.errors import ConfigError, ProjectError
 
 A_WORDS = ["apple", "apricot", "avocado", "almond", "anchor", "arrow", "amber", "atlas"]
@@ -64,13 +66,13 @@ def test_token_shares_follow_weights_globally_and_per_rank(corpora: dict[str, Pa
     cfg = blend_config(corpora)
     tokenizer = load_or_train_tokenizer(cfg)
     blocks = 3000
-    stream = train_examples(cfg, "causal", tokenizer)
+    stream = train_examples(cfg, CAUSAL_LM, tokenizer)
     apples = sum(_is_apple_block(next(stream), tokenizer) for _ in range(blocks))
     assert abs(apples / blocks - 0.8) <= 0.02
     assert stream.counts == [apples, blocks - apples]  # the stream's own bookkeeping agrees with the text
     for world in (2, 3):  # every rank sees the weights too (a Weyl sequence's strided subsequences are one too)
         for rank in range(world):
-            ranked = train_examples(cfg, "causal", tokenizer, dp_rank=rank, dp_world=world)
+            ranked = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=rank, dp_world=world)
             share = sum(_is_apple_block(next(ranked), tokenizer) for _ in range(blocks // world)) / (blocks // world)
             assert abs(share - 0.8) <= 0.02, (world, rank, share)
 
@@ -78,12 +80,12 @@ def test_token_shares_follow_weights_globally_and_per_rank(corpora: dict[str, Pa
 def test_layouts_read_the_same_blocks_and_seed_changes_order(corpora: dict[str, Path]) -> None:
     cfg = blend_config(corpora, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
     tokenizer = load_or_train_tokenizer(cfg)
-    single = train_examples(cfg, "causal", tokenizer)
+    single = train_examples(cfg, CAUSAL_LM, tokenizer)
     expected = [next(single) for _ in range(40)]
-    ranks = [train_examples(cfg, "causal", tokenizer, dp_rank=r, dp_world=2) for r in range(2)]
+    ranks = [train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=r, dp_world=2) for r in range(2)]
     interleaved = [next(ranks[i % 2]) for i in range(40)]
     assert all(torch.equal(a, b) for a, b in zip(expected, interleaved))
-    reseeded = train_examples(replace(cfg, seed=cfg.seed + 1), "causal", tokenizer)
+    reseeded = train_examples(replace(cfg, seed=cfg.seed + 1), CAUSAL_LM, tokenizer)
     assert not all(torch.equal(a, next(reseeded)) for a in expected)
 
 
@@ -91,17 +93,17 @@ def test_layouts_read_the_same_blocks_and_seed_changes_order(corpora: dict[str, 
 def test_blend_resumes_exactly(corpora: dict[str, Path], shard_by: str) -> None:
     cfg = blend_config(corpora, shard_by=shard_by)
     tokenizer = load_or_train_tokenizer(cfg)
-    stream = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    stream = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     for _ in range(450):  # past the zebra corpus's first epoch (60 short documents)
         next(stream)
     state = json.loads(json.dumps(stream.state_dict()))  # as a checkpoint stores it
     expected = [next(stream) for _ in range(300)]
-    resumed = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    resumed = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, next(resumed)) for a in expected)
     assert resumed.state_dict() == stream.state_dict()
     assert stream.streams[1].epoch >= 1  # the resume crossed an epoch boundary of the small source
-    other = train_examples(blend_config(corpora, (0.5, 0.5), shard_by=shard_by), "causal", tokenizer,
+    other = train_examples(blend_config(corpora, (0.5, 0.5), shard_by=shard_by), CAUSAL_LM, tokenizer,
                            dp_rank=1, dp_world=2)
     with pytest.raises(ProjectError, match="weights are"):
         other.load_state_dict(state)
@@ -132,7 +134,7 @@ def test_default_sharding_gives_every_rank_its_own_documents(corpora: dict[str, 
               for line in corpora[key].read_text().splitlines()}
     for shard_by in ("auto", "blocks"):
         recorders = [RecordingTokenizer(tokenizer) for _ in range(2)]
-        streams = [train_examples(replace(cfg, shard_by=shard_by), "causal", recorders[r], dp_rank=r, dp_world=2)
+        streams = [train_examples(replace(cfg, shard_by=shard_by), CAUSAL_LM, recorders[r], dp_rank=r, dp_world=2)
                    for r in range(2)]
         while min(stream.epoch for stream in streams) < 1:  # every rank's every source through its first epoch
             for stream in streams:
@@ -144,35 +146,35 @@ def test_default_sharding_gives_every_rank_its_own_documents(corpora: dict[str, 
         else:
             assert shares[0] == shares[1] == corpus
 
-    ranked = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    ranked = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     for _ in range(100):
         next(ranked)
     state = json.loads(json.dumps(ranked.state_dict()))
     expected = [next(ranked) for _ in range(50)]
-    resumed = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    resumed = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, next(resumed)) for a in expected)
 
     blocks_cfg = replace(cfg, shard_by="blocks")  # one rank: auto, documents and blocks are one stream
-    single = {mode: train_examples(replace(cfg, shard_by=mode), "causal", tokenizer) for mode in SHARD_MODES}
+    single = {mode: train_examples(replace(cfg, shard_by=mode), CAUSAL_LM, tokenizer) for mode in SHARD_MODES}
     first = {mode: [next(stream) for _ in range(60)] for mode, stream in single.items()}
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*first.values()))
     assert len({json.dumps(stream.state_dict()) for stream in single.values()}) == 1
 
-    old = train_examples(blocks_cfg, "causal", tokenizer, dp_rank=1, dp_world=2)  # e.g. before auto was the default
+    old = train_examples(blocks_cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)  # e.g. before auto was the default
     for _ in range(40):
         next(old)
-    continued = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    continued = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     continued.load_state_dict(json.loads(json.dumps(old.state_dict())))
     assert all(torch.equal(next(old), next(continued)) for _ in range(40))
     with pytest.raises(ProjectError, match="shard_by is 'blocks' in the checkpoint but 'documents' now"):
-        train_examples(replace(cfg, shard_by="documents"), "causal", tokenizer, dp_rank=1,
+        train_examples(replace(cfg, shard_by="documents"), CAUSAL_LM, tokenizer, dp_rank=1,
                        dp_world=2).load_state_dict(old.state_dict())
     source = blend_parts(blocks_cfg)[0].cfg  # one source (a BlockStream) continues the same way
-    old = train_examples(source, "causal", tokenizer, dp_rank=1, dp_world=2)
+    old = train_examples(source, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     for _ in range(20):
         next(old)
-    continued = train_examples(replace(source, shard_by="auto"), "causal", tokenizer, dp_rank=1, dp_world=2)
+    continued = train_examples(replace(source, shard_by="auto"), CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     continued.load_state_dict(json.loads(json.dumps(old.state_dict())))
     assert all(torch.equal(next(old), next(continued)) for _ in range(20))
 
@@ -180,16 +182,16 @@ def test_default_sharding_gives_every_rank_its_own_documents(corpora: dict[str, 
 def test_mlm_examples_and_validation_per_source(corpora: dict[str, Path]) -> None:
     cfg = blend_config(corpora, seq_length=SEQ + 2)
     tokenizer = load_or_train_tokenizer(cfg)
-    stream = train_examples(cfg, "mlm", tokenizer, vocab_size=320)
+    stream = train_examples(cfg, MASKED_LM, tokenizer, vocab_size=320)
     example = next(stream)
     assert example.shape == (2, SEQ + 2) and isinstance(stream.blocks, BlendStream)
-    by_source = eval_examples_by_source(cfg, "causal", tokenizer, max_blocks=10)
+    by_source = eval_examples_by_source(cfg, CAUSAL_LM, tokenizer, max_blocks=10)
     assert list(by_source) == ["apples", "zebras"] and [len(v) for v in by_source.values()] == [8, 2]
     assert all(_is_apple_block(b, tokenizer) for b in by_source["apples"])
     assert not any(_is_apple_block(b, tokenizer) for b in by_source["zebras"])
-    combined = eval_examples(cfg, "causal", tokenizer, max_blocks=10)
+    combined = eval_examples(cfg, CAUSAL_LM, tokenizer, max_blocks=10)
     assert len(combined) == 10
-    assert eval_examples_by_source(blend_parts(cfg)[0].cfg, "causal", tokenizer) == {}  # one source: none
+    assert eval_examples_by_source(blend_parts(cfg)[0].cfg, CAUSAL_LM, tokenizer) == {}  # one source: none
 
 
 def test_hub_kind_streams_a_local_dataset_folder_with_holdout(corpora: dict[str, Path]) -> None:
@@ -210,7 +212,7 @@ def test_hub_kind_streams_a_local_dataset_folder_with_holdout(corpora: dict[str,
         {"source": "hub", "hub_path": str(folder), "hub_holdout": 0.1, "weight": 1}])
     assert [(p.name, p.weight) for p in blend_parts(blend)] == [("apples", 0.75), ("hub_books", 0.25)]
     tokenizer = load_or_train_tokenizer(blend)
-    stream = train_examples(blend, "causal", tokenizer)
+    stream = train_examples(blend, CAUSAL_LM, tokenizer)
     assert [next(stream).shape for _ in range(8)] == [torch.Size([SEQ])] * 8
 
 

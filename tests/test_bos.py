@@ -15,6 +15,7 @@ from data_pipeline import BlockStream, DataConfig, Tokenizer, train_tokenizer, v
 from data_pipeline.blend import BlendStream
 from data_pipeline.config import blend_parts
 from data_pipeline.examples import calibration_examples, eval_examples, train_examples
+from model.opt.objective import CAUSAL_LM
 from launcher.config import load_config
 from common.errors import ConfigError, ProjectError
 
@@ -53,7 +54,7 @@ def test_every_block_is_bos_plus_the_packed_stream(setup) -> None:
     assert plain[0][0] != tok.bos_id and [t for b in plain for t in b] == stream[:36]
     val = validation_blocks(cfg, tok, max_blocks=5)
     assert [b.tolist() for b in val] == blocks[:5]  # unshuffled first epoch, BOS first
-    assert all(b[0] == tok.bos_id for b in calibration_examples(cfg, "causal", tok, 4))
+    assert all(b[0] == tok.bos_id for b in calibration_examples(cfg, CAUSAL_LM, tok, 4))
 
 
 @pytest.mark.parametrize("shard_by", ["blocks", "documents"])
@@ -89,7 +90,7 @@ def test_blend_blocks_start_with_bos_and_resume(setup) -> None:
                                    "validation_files": [str(root / "a.parquet")], "weight": 0.7},
                                   {"name": "b", "source": "files", "train_files": [str(root / "b.parquet")],
                                    "validation_files": [str(root / "b.parquet")], "weight": 0.3}])
-    stream = train_examples(blend, "causal", tok)
+    stream = train_examples(blend, CAUSAL_LM, tok)
     assert isinstance(stream, BlendStream)
     blocks = _take(stream, 30)
     assert all(b[0] == tok.bos_id for b in blocks) and set(stream.counts) != {0}
@@ -98,7 +99,7 @@ def test_blend_blocks_start_with_bos_and_resume(setup) -> None:
     restored = BlendStream(blend_parts(blend), tok)
     restored.load_state_dict(cut.state_dict())
     assert _take(restored, 8) == blocks[11:19]
-    assert all(b[0] == tok.bos_id for b in eval_examples(blend, "causal", tok, max_blocks=6))
+    assert all(b[0] == tok.bos_id for b in eval_examples(blend, CAUSAL_LM, tok, max_blocks=6))
 
 
 def test_bos_is_validated(setup) -> None:

@@ -69,3 +69,22 @@ def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ProjectError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_masking_keys_are_berts_and_an_older_opt_config_with_them_still_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data.mlm_* moved from the shared text data section to BERT's (model/bert/data_config.py): a BERT run reads
+    them, and an OPT config.yaml written before the move (every checkpoint's carries them) loads with one note."""
+    bert = load_config("configs/bert_tiny.yaml", ["data.mlm_probability=0.2"])
+    assert type(bert.data).__name__ == "BertDataConfig" and bert.data.mlm_probability == 0.2
+    raw = yaml.safe_load(Path("configs/opt_tiny.yaml").read_text())
+    raw["data"].update(mlm_probability=0.15, mlm_mask_fraction=0.8, mlm_random_fraction=0.1, mlm_eval_seed=2024)
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    opt = load_config(tmp_path / "old.yaml")
+    assert not hasattr(opt.data, "mlm_probability")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: data.mlm_probability, data.mlm_mask_fraction") \
+        and "model.family=bert" in lines[0]
+    with pytest.raises(ConfigError, match="unknown key"):  # a key that never existed is still an error
+        load_config(tmp_path / "old.yaml", ["data.mlm_colour=1"])

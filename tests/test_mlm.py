@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import DataConfig, Tokenizer, eval_examples, train_examples, train_tokenizer
+from data_pipeline import Tokenizer, eval_examples, train_examples, train_tokenizer
 from data_pipeline.mlm import IGNORE_INDEX, Masker, MaskingRule
+from model.bert.data_config import BertDataConfig
+from model.bert.objective import MASKED_LM
 from common.errors import ConfigError, ProjectError
 from tests.test_data_pipeline import expected_stream, make_docs, write_parquet
 
@@ -28,10 +30,10 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def cfg(corpus, tmp_path_factory) -> DataConfig:
+def cfg(corpus, tmp_path_factory) -> BertDataConfig:
     path, _ = corpus
-    return DataConfig(source="files", train_files=[str(path)], validation_files=[str(path)], seq_length=24,
-                      cache_dir=str(tmp_path_factory.mktemp("cache")), vocab_size=320)
+    return BertDataConfig(source="files", train_files=[str(path)], validation_files=[str(path)], seq_length=24,
+                          cache_dir=str(tmp_path_factory.mktemp("cache")), vocab_size=320)
 
 
 def test_masking_statistics_follow_the_80_10_10_rule(tok: Tokenizer) -> None:
@@ -72,9 +74,9 @@ def test_masks_are_a_function_of_seed_and_block_id(tok: Tokenizer) -> None:
     assert not torch.equal(masker.example(block, 2, 5), masker.example(block, 1, 5))
 
 
-def test_train_examples_pack_with_sep_and_resume_exactly(cfg: DataConfig, corpus, tok: Tokenizer) -> None:
+def test_train_examples_pack_with_sep_and_resume_exactly(cfg: BertDataConfig, corpus, tok: Tokenizer) -> None:
     _, docs = corpus
-    stream = train_examples(replace(cfg, shuffle=False), "mlm", tok)
+    stream = train_examples(replace(cfg, shuffle=False), MASKED_LM, tok)
     first = [next(stream) for _ in range(6)]
     assert all(e.shape == (2, cfg.seq_length) for e in first)
     # Unmasked content is the corpus packed with [SEP] after every document, [CLS] ... [SEP] around each block.
@@ -85,35 +87,35 @@ def test_train_examples_pack_with_sep_and_resume_exactly(cfg: DataConfig, corpus
         assert original[0] == tok.cls_id and original[-1] == tok.sep_id
         assert original[1:-1].tolist() == packed[i * inner:(i + 1) * inner]
 
-    stream = train_examples(cfg, "mlm", tok)
+    stream = train_examples(cfg, MASKED_LM, tok)
     for _ in range(9):
         next(stream)
     state = stream.state_dict()
     expected = [next(stream) for _ in range(30)]  # crosses an epoch boundary (~20 examples per epoch)
-    resumed = train_examples(cfg, "mlm", tok)
+    resumed = train_examples(cfg, MASKED_LM, tok)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(30)]))
     with pytest.raises(ProjectError, match="mlm_seed"):
-        train_examples(replace(cfg, seed=cfg.seed + 1), "mlm", tok).load_state_dict(state)
+        train_examples(replace(cfg, seed=cfg.seed + 1), MASKED_LM, tok).load_state_dict(state)
 
 
-def test_data_parallel_ranks_see_the_single_process_examples(cfg: DataConfig, tok: Tokenizer) -> None:
+def test_data_parallel_ranks_see_the_single_process_examples(cfg: BertDataConfig, tok: Tokenizer) -> None:
     cfg = replace(cfg, shard_by="blocks")  # the layout-equivalent mode (auto shards by documents)
-    single = train_examples(cfg, "mlm", tok)
-    ranks = [train_examples(cfg, "mlm", tok, dp_rank=r, dp_world=2) for r in range(2)]
+    single = train_examples(cfg, MASKED_LM, tok)
+    ranks = [train_examples(cfg, MASKED_LM, tok, dp_rank=r, dp_world=2) for r in range(2)]
     for _ in range(8):
         for rank in ranks:
             assert torch.equal(next(single), next(rank))  # same blocks AND the same masks
 
 
-def test_eval_examples_are_fixed_and_sharded(cfg: DataConfig, tok: Tokenizer) -> None:
-    full = eval_examples(cfg, "mlm", tok)
-    assert torch.equal(torch.stack(full), torch.stack(eval_examples(cfg, "mlm", tok)))
-    shards = [eval_examples(cfg, "mlm", tok, dp_rank=r, dp_world=3) for r in range(3)]
+def test_eval_examples_are_fixed_and_sharded(cfg: BertDataConfig, tok: Tokenizer) -> None:
+    full = eval_examples(cfg, MASKED_LM, tok)
+    assert torch.equal(torch.stack(full), torch.stack(eval_examples(cfg, MASKED_LM, tok)))
+    shards = [eval_examples(cfg, MASKED_LM, tok, dp_rank=r, dp_world=3) for r in range(3)]
     assert all(torch.equal(full[i], shards[i % 3][i // 3]) for i in range(len(full)))
     # The evaluation masks do not follow the training seed.
-    assert torch.equal(torch.stack(full), torch.stack(eval_examples(replace(cfg, seed=99), "mlm", tok)))
-    other = eval_examples(replace(cfg, mlm_eval_seed=cfg.mlm_eval_seed + 1), "mlm", tok)
+    assert torch.equal(torch.stack(full), torch.stack(eval_examples(replace(cfg, seed=99), MASKED_LM, tok)))
+    other = eval_examples(replace(cfg, mlm_eval_seed=cfg.mlm_eval_seed + 1), MASKED_LM, tok)
     assert not torch.equal(torch.stack(full), torch.stack(other))
 
 
@@ -122,16 +124,16 @@ def test_eval_examples_are_fixed_and_sharded(cfg: DataConfig, tok: Tokenizer) ->
                                           ({"mlm_mask_fraction": 0.8, "mlm_random_fraction": 0.3},
                                            "data.mlm_random_fraction"),
                                           ({"mlm_eval_seed": -1}, "data.mlm_eval_seed")])
-def test_bad_masking_settings_name_the_key(cfg: DataConfig, changes: dict, key: str) -> None:
+def test_bad_masking_settings_name_the_key(cfg: BertDataConfig, changes: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         replace(cfg, **changes).validate()
 
 
-def test_tokenizer_without_mask_token_is_refused(cfg: DataConfig, tok: Tokenizer) -> None:
+def test_tokenizer_without_mask_token_is_refused(cfg: BertDataConfig, tok: Tokenizer) -> None:
     class NoMask:
         cls_id, sep_id, mask_id = tok.cls_id, tok.sep_id, None
 
     with pytest.raises(ProjectError, match="MASK"):
         Masker(NoMask(), MaskingRule())
     with pytest.raises(ConfigError, match="data.seq_length"):
-        train_examples(replace(cfg, seq_length=2), "mlm", tok)
+        train_examples(replace(cfg, seq_length=2), MASKED_LM, tok)

@@ -23,7 +23,7 @@ from torch import nn
 from common.errors import ConfigError
 from model.attention import MultiHeadAttention
 from model.config import AttentionConfig
-from model.family import Batch, FamilyData, FamilySpec, Metric
+from model.family import Batch, FamilyData, FamilySpec, Metric, NamedObjective
 from model.layers import LocalLayers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,10 +113,9 @@ class ToyStream:
 
 
 class ToySpec(FamilySpec):
-    name, objective = "toy", "copy"
+    name, objective = "toy", NamedObjective("copy")
     model_config_class, data_config_class = ToyConfig, ToyData
     metrics = (Metric("ppl", "ppl"),)
-    supports_pipeline = False
 
     def build(self, cfg: Any, seq_length: int | None = None, layers: LocalLayers | None = None) -> nn.Module:
         return ToyModel(cfg, seq_length, layers)

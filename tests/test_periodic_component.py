@@ -77,3 +77,42 @@ def test_a_name_that_makes_no_component_is_one_error_line(data_cache: Path, tmp_
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_the_metrics_writers_component_gives_tensorboard_the_steps_records(tmp_path: Path) -> None:
+    """MetricsWriters: a record is in metrics.jsonl when logged, and reaches the writers (here TensorBoard's
+    SummaryWriter, recorded) when the component runs after the step; finish closes them."""
+    from types import SimpleNamespace
+
+    from launcher.components import MetricsWriters
+    from launcher.metrics import MetricsLogger
+
+    class Recorder:  # SummaryWriter's methods the logger calls
+        def __init__(self) -> None:
+            self.scalars: list[tuple[str, float, int]] = []
+            self.closed = False
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.scalars.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    metrics = MetricsLogger(tmp_path, enabled=True, tensorboard=False, defer_writers=True)
+    metrics.writer = recorder = Recorder()  # type: ignore[assignment]
+    metrics.log(3, "train", {"loss": 1.5, "note": "text is not a scalar"})
+    metrics.log(3, "val", {"loss": 1.25})
+    assert [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        ["train", "val"] and recorder.scalars == []
+    writers = MetricsWriters(SimpleNamespace(train=SimpleNamespace(steps=10)))  # type: ignore[arg-type]
+    state = SimpleNamespace(metrics=metrics, failure=None)
+    assert writers.due(3)
+    writers.run(state)  # type: ignore[arg-type]
+    assert recorder.scalars == [("train/loss", 1.5, 3), ("val/loss", 1.25, 3)]
+    metrics.log(4, "train", {"loss": 1.0})
+    writers.finish(state)  # type: ignore[arg-type]
+    assert recorder.scalars[-1] == ("train/loss", 1.0, 4) and recorder.closed and metrics.writers == []
+    metrics.close()

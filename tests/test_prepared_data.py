@@ -25,6 +25,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.examples import eval_examples, train_examples
 from data_pipeline.prepare import main as prepare_main
 from data_pipeline.tokenizer import load_or_train_tokenizer
+from model.bert.objective import MASKED_LM
+from model.opt.objective import CAUSAL_LM
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -108,32 +110,32 @@ def test_indexed_samples_by_global_index_every_rank_and_resume(prepared_chars: P
     cfg = indexed(prepared_chars, bos=True)
     tokenizer = load_or_train_tokenizer(cfg)
     assert tokenizer.fingerprint == load_or_train_tokenizer(replace(cfg, bos=False)).fingerprint
-    single = train_examples(cfg, "causal", tokenizer)
+    single = train_examples(cfg, CAUSAL_LM, tokenizer)
     everything = [next(single) for _ in range(24)]
     assert all(block[0] == tokenizer.bos_id and len(block) == 32 for block in everything)
     assert len({tuple(b.tolist()) for b in everything}) == 24  # shuffled samples, no repeats
-    ranks = [train_examples(cfg, "causal", tokenizer, dp_rank=r, dp_world=2) for r in range(2)]
+    ranks = [train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=r, dp_world=2) for r in range(2)]
     for n in range(6):
         for r, stream in enumerate(ranks):
             assert torch.equal(next(stream), everything[2 * n + r])
             assert stream.last_block_id == 2 * n + r
     state = ranks[1].state_dict()
     assert state == ranks[0].state_dict() and state["consumed"] == 12
-    four = train_examples(cfg, "causal", tokenizer, dp_rank=3, dp_world=4)
+    four = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=3, dp_world=4)
     four.load_state_dict(state)
     assert torch.equal(next(four), everything[15])
     with pytest.raises(ProjectError, match="cannot be split over 5"):
-        train_examples(cfg, "causal", tokenizer, dp_rank=0, dp_world=5).load_state_dict(state)
+        train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=0, dp_world=5).load_state_dict(state)
     with pytest.raises(ProjectError, match="seed is 1234 in the checkpoint but 7 now"):
-        train_examples(replace(cfg, seed=7), "causal", tokenizer).load_state_dict(state)
+        train_examples(replace(cfg, seed=7), CAUSAL_LM, tokenizer).load_state_dict(state)
     # Endless: the stream runs past an epoch (another seed: another order) without a gap.
     per_epoch = single.samples.streams[0].per_epoch
-    far = train_examples(cfg, "causal", tokenizer)
+    far = train_examples(cfg, CAUSAL_LM, tokenizer)
     far.load_state_dict({**state, "consumed": per_epoch - 1})
     last, first_of_next = next(far), next(far)
     assert far.epoch == 1 and not torch.equal(last, first_of_next)
-    whole = eval_examples(cfg, "causal", tokenizer, max_blocks=10)
-    halves = [eval_examples(cfg, "causal", tokenizer, max_blocks=10, dp_rank=r, dp_world=2) for r in range(2)]
+    whole = eval_examples(cfg, CAUSAL_LM, tokenizer, max_blocks=10)
+    halves = [eval_examples(cfg, CAUSAL_LM, tokenizer, max_blocks=10, dp_rank=r, dp_world=2) for r in range(2)]
     assert len(whole) == 10 and all(torch.equal(a, b) for a, b in zip(whole[0::2], halves[0]))
     assert all(torch.equal(a, b) for a, b in zip(whole[1::2], halves[1]))
 
@@ -141,8 +143,8 @@ def test_indexed_samples_by_global_index_every_rank_and_resume(prepared_chars: P
 def test_indexed_mlm_masks_follow_the_global_sample(prepared_chars: Path) -> None:
     cfg = indexed(prepared_chars)
     tokenizer = load_or_train_tokenizer(cfg)
-    one = [next(s) for s in [train_examples(cfg, "mlm", tokenizer)] for _ in range(6)]
-    other = train_examples(cfg, "mlm", tokenizer, dp_rank=1, dp_world=3)
+    one = [next(s) for s in [train_examples(cfg, MASKED_LM, tokenizer)] for _ in range(6)]
+    other = train_examples(cfg, MASKED_LM, tokenizer, dp_rank=1, dp_world=3)
     assert torch.equal(next(other), one[1]) and torch.equal(next(other), one[4])
     assert one[0].shape == (2, 32) and one[0][0, 0] == tokenizer.cls_id and one[0][0, -1] == tokenizer.sep_id
     assert not (one[0][0] == tokenizer.eos_id).any()  # documents are separated by [SEP] in MLM examples
@@ -156,20 +158,20 @@ def test_indexed_blend_follows_weights_and_refuses_mixed_blends(prepared_chars: 
                {"name": "b", "source": "indexed", "path": str(prepared_chars), "weight": 3}]
     cfg = DataConfig(sources=sources, seq_length=32, seed=5)
     tokenizer = load_or_train_tokenizer(cfg)
-    stream = train_examples(cfg, "causal", tokenizer)
+    stream = train_examples(cfg, CAUSAL_LM, tokenizer)
     first = [next(stream) for _ in range(8)]
     counts = torch.bincount(torch.as_tensor(stream.samples._blended(4000).dataset_index[:4000].astype("int64")))
     assert abs(counts[0].item() / 4000 - 0.25) < 0.01
-    rank = train_examples(cfg, "causal", tokenizer, dp_rank=1, dp_world=2)
+    rank = train_examples(cfg, CAUSAL_LM, tokenizer, dp_rank=1, dp_world=2)
     assert torch.equal(next(rank), first[1]) and torch.equal(next(rank), first[3])
     with pytest.raises(ProjectError, match="weights is"):
-        train_examples(replace(cfg, sources=[sources[0], {**sources[1], "weight": 1}]), "causal",
+        train_examples(replace(cfg, sources=[sources[0], {**sources[1], "weight": 1}]), CAUSAL_LM,
                        tokenizer).load_state_dict(stream.state_dict())
     mixed = [sources[0], {"name": "c", "source": "wiki_sample", "weight": 1}]
     with pytest.raises(ProjectError, match="mixes prepared"):
         DataConfig(sources=mixed).validate()
     with pytest.raises(ProjectError, match="not a prepared data folder"):
-        train_examples(indexed(prepared_chars / "train"), "causal", tokenizer)
+        train_examples(indexed(prepared_chars / "train"), CAUSAL_LM, tokenizer)
 
 
 def test_pretrain_on_prepared_data_resumes_exactly(prepared_chars: Path, data_cache: Path, tmp_path: Path) -> None:
@@ -195,7 +197,7 @@ def test_prefetcher_resumes_at_the_next_example_taken(data_cache: Path) -> None:
     cfg = DataConfig(source="wiki_sample", tokenizer_type="char", seq_length=32, cache_dir=str(data_cache),
                      shard_by="documents")
     tokenizer = load_or_train_tokenizer(cfg)
-    for objective in ("causal", "mlm"):
+    for objective in (CAUSAL_LM, MASKED_LM):
         ahead = Prefetcher(train_examples(cfg, objective, tokenizer, dp_rank=1, dp_world=2), depth=8)
         taken = [next(ahead) for _ in range(5)]
         time.sleep(0.2)  # let it read ahead

@@ -72,6 +72,24 @@ def test_two_data_parallel_ranks_match_single_process(data_cache: Path, tmp_path
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_two_ranks_with_the_default_sharding_resume_exactly(data_cache: Path, tmp_path: Path,
+                                                             single_process_losses: dict[int, float]) -> None:
+    """DP2 with the default data.shard_by (auto: each rank packs its own documents, behind the prefetch thread): a
+    run branched from the step-3 checkpoint (each rank restores its own stream position) continues with the
+    uninterrupted run's losses; the ranks' positions differ, and the global batches are not one process's."""
+    common = {"train.steps": 4, "train.micro_batch_size": 2, "train.checkpoint_interval": 2}
+    _assert_ok(run_pretrain(tiny_overrides(data_cache, tmp_path, **common, **{"logging.run_name": "whole"}), ranks=2))
+    step_2 = tmp_path / "whole" / "checkpoints" / "step_2"
+    branch = tiny_overrides(data_cache, tmp_path, **common, **{"logging.run_name": "branch"})
+    _assert_ok(run_pretrain(branch, ranks=2, resume=str(step_2)))
+    expected, got = train_losses(tmp_path / "whole"), train_losses(tmp_path / "branch")
+    assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=0) for s in got)
+    states = [torch.load(step_2 / f"rank_{r}.pt", weights_only=False)["data"] for r in range(2)]
+    assert [state["shard_by"] for state in states] == ["documents"] * 2
+    assert (states[0]["doc_index"], states[0]["buffer"]) != (states[1]["doc_index"], states[1]["buffer"])
+    assert expected[1] != pytest.approx(single_process_losses[1], rel=1e-5)  # documents, not the global stream
+
+
 def _bad_run(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -61,6 +61,15 @@ def test_training_beats_the_naive_forecast_and_resumes_exactly(tmp_path: Path) -
     assert summary["completed"] and summary["steps"] == 40
     # MSE and MAE on the normalised validation windows, next to the naive last-value forecast's.
     assert summary["val_mse"] < summary["naive_last_mse"] and summary["val_mae"] < summary["naive_last_mae"], summary
+    # Throughput in the family's unit: forecast windows (FamilySpec.throughput), not tokens.
+    assert summary["windows"] == 40 * 32 and summary["windows_per_s"] > 0 and "tokens_per_s" not in summary
+    train = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "train"' in line]
+    assert train and all(r["windows"] == r["step"] * 32 and r["windows_per_s"] > 0 and "tokens" not in r
+                         for r in train)
+    val = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+           if '"kind": "val"' in line]
+    assert val and all(r["points"] > 0 and "tokens" not in r for r in val)  # forecast values, not tokens
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,19 @@ def test_vit_run_reports_top1_outliers_and_w8a8(vit_run: Path) -> None:
         last_val["loss"], rel=1e-5)
 
 
+def test_throughput_counts_images(vit_run: Path) -> None:
+    """The family names its throughput unit (FamilySpec.throughput): images, not the patch positions as tokens.
+    TFLOP/s stays the same quantity: FLOPs per image x images/s."""
+    summary = json.loads((vit_run / "summary.json").read_text())
+    assert summary["images"] == 6 * 8 and summary["images_per_s"] > 0 and "tokens_per_s" not in summary
+    records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["images"] for r in train] == [8 * step for step in range(1, 7)]
+    assert all(r["images_per_s"] > 0 and r["tflops_per_device"] > 0 and "tokens_per_s" not in r for r in train)
+    val = [r for r in records if r["kind"] == "val"]  # what the validation counted: images, not tokens
+    assert val and all(r["images"] > 0 and "tokens" not in r for r in val)
+
+
 def test_standalone_evaluation_matches_the_periodic_one(vit_run: Path) -> None:
     step_dir = vit_run / "checkpoints" / "step_6"
     saved = json.loads((step_dir / "outliers.json").read_text())

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from model.bert.data_config import BertDataConfig
 from model.bert.hf import BertAdapter
-from model.family import Batch, Metric, PipelineParts
+from model.bert.objective import MASKED_LM
+from model.family import Batch, Metric, StagesModule
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.text_spec import TextFamilySpec
 
@@ -27,9 +29,10 @@ LAYER_PREFIX = "bert.encoder.layer."
 class BertSpec(TextFamilySpec):
     block_types = ("BertLayer",)
     name = "bert"
-    # Examples are [2, T] = (masked input ids, labels with -100 where nothing is predicted), made by
-    # data_pipeline/mlm.py with masks that are a pure function of (seed, global block index).
-    objective = "mlm"
+    # Examples are [2, T] = (masked input ids, labels with -100 where nothing is predicted): model/bert/objective.py
+    objective = MASKED_LM
+    data_config_class = BertDataConfig  # the text data section plus the masking settings
+    pipeline_stages = StagesModule("model.bert.pipeline")
     metrics = (Metric("ppl", "ppl", summary_label="MLM ppl", description="MLM perplexities"),)
     ptq_weight_range = "minmax"  # the BERT recipe
     ffn_activation_terms = 2  # GELU input and output
@@ -49,6 +52,12 @@ class BertSpec(TextFamilySpec):
             raise ConfigError("model.tie_word_embeddings", cfg.tie_word_embeddings,
                               "must be true for BERT (its MLM decoder is the word embedding matrix)")
 
+    def validate_run(self, cfg: Any) -> None:
+        super().validate_run(cfg)
+        if cfg.data.bos:
+            raise ConfigError("data.bos", cfg.data.bos, f"is for causal LMs (model.family=opt); {self.name}'s "
+                              "examples already start with [CLS], a fixed first token")
+
     def collate(self, examples: list[Any]) -> Batch:
         batch = torch.stack(examples)
         if batch.dim() != 3 or batch.shape[1] != 2:
@@ -57,16 +66,6 @@ class BertSpec(TextFamilySpec):
 
     def num_targets(self, batch: Batch) -> int:
         return int((batch.labels != IGNORE_INDEX).sum())  # the masked positions
-
-    def pipeline(self, cfg: Any, seq_length: int, layers: LocalLayers) -> PipelineParts:
-        from model.bert.pipeline import pipeline_parts
-
-        return pipeline_parts(cfg, seq_length, layers)
-
-    def canonical_name(self, name: str, cfg: Any) -> str:
-        from model.bert.pipeline import canonical_name
-
-        return canonical_name(name, cfg)
 
     # The protocol for BERT (post-LN), per layer: the FFN output dense, the output LayerNorm's input (dense
     # output + residual: where BERT's outliers live) and that LayerNorm's output (the layer's output).
@@ -82,9 +81,10 @@ class BertSpec(TextFamilySpec):
         first = words + cfg.max_position_embeddings * h + cfg.type_vocab_size * h + 2 * h
         return first, h * h + h + 2 * h + vocab // tp + words
 
-    def head_activations(self, cfg: Any, tokens: int, act_bytes: int, mlm_probability: float) -> tuple[float, int]:
-        """The MLM head runs on the ~mlm_probability selected tokens (gathered hidden, dense out, GELU out, LN out)."""
-        n = math.ceil(mlm_probability * tokens)
+    def head_activations(self, cfg: Any, tokens: int, act_bytes: int, data_cfg: Any = None) -> tuple[float, int]:
+        """The MLM head runs on the ~data.mlm_probability selected tokens (gathered hidden, dense out, GELU out,
+        LN out)."""
+        n = math.ceil(_mlm_probability(data_cfg) * tokens)
         return 4 * n * cfg.hidden_size * act_bytes, n
 
     def residual_streams(self, model: nn.Module) -> list[str]:
@@ -92,11 +92,15 @@ class BertSpec(TextFamilySpec):
 
     def head_matmul_params(self, cfg: Any, data_cfg: Any) -> float:
         """The MLM head (transform + tied decoder) runs only on the selected positions."""
-        probability = data_cfg.mlm_probability if data_cfg is not None else 0.15
-        return (cfg.padded_vocab_size * cfg.hidden_size + cfg.hidden_size ** 2) * probability
+        return (cfg.padded_vocab_size * cfg.hidden_size + cfg.hidden_size ** 2) * _mlm_probability(data_cfg)
 
     def synthetic_batch(self, cfg: Any, generator: torch.Generator) -> Batch:
         batch = super().synthetic_batch(cfg, generator)
         labels = batch.labels.clone()
         labels[torch.rand(labels.shape, generator=generator) >= cfg.data.mlm_probability] = IGNORE_INDEX
         return Batch(batch.inputs, labels)
+
+
+def _mlm_probability(data_cfg: BertDataConfig | None) -> float:
+    """The selected fraction of positions: the run's data.mlm_probability, or its default without a run."""
+    return (data_cfg or BertDataConfig()).mlm_probability

@@ -7,9 +7,10 @@ from typing import Any
 from torch import nn
 
 from common.errors import ConfigError
-from model.family import Batch, PipelineParts
+from model.family import BackcopyTask, Batch, StagesModule
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.opt.hf import OPTAdapter
+from model.opt.objective import CAUSAL_LM
 from model.text_spec import TextFamilySpec
 
 # Kind of hooked activation -> module name relative to decoder.layers.{j} (None: the layer's own output).
@@ -27,8 +28,8 @@ FINAL_LAYER_NORM = "decoder.final_layer_norm"
 class OPTSpec(TextFamilySpec):
     block_types = ("OPTDecoderLayer",)
     name = "opt"
-    objective = "causal"  # examples are token blocks [T]; the labels are the block itself, shifted in the model
-    causal_lm = True
+    objective = CAUSAL_LM  # token blocks [T]; the labels are the block itself, shifted in the model
+    pipeline_stages = StagesModule("model.opt.pipeline")
     ptq_weight_range = "mse"  # the OPT recipe: the clipping that minimises the squared error on a grid
     clipped_softmax_alpha = 12.0  # the QC paper's OPT recipe: gamma = -12 / seq_length (BERT's: the default gamma)
     hf = OPTAdapter()
@@ -53,15 +54,16 @@ class OPTSpec(TextFamilySpec):
                               "parallel.pipeline > 1 (the pipeline builds the tied output layer)")
         super().check_layout(cfg, tensor, pipeline)
 
-    def pipeline(self, cfg: Any, seq_length: int, layers: LocalLayers) -> PipelineParts:
-        from model.opt.pipeline import pipeline_parts
+    def backcopy_task(self, cfg: Any) -> BackcopyTask | None:
+        """On the bigram_backcopy source alone: its triggers and the char tokenizer's first character id (what
+        the task-aware sink metrics split queries by)."""
+        data = cfg.data
+        if data.source != "bigram_backcopy" or data.sources:
+            return None
+        from data_pipeline.bigram import trigger_token_ids
+        from data_pipeline.char_tokenizer import FIRST_CHAR_ID
 
-        return pipeline_parts(cfg, seq_length, layers)
-
-    def canonical_name(self, name: str, cfg: Any) -> str:
-        from model.opt.pipeline import canonical_name
-
-        return canonical_name(name, cfg)
+        return BackcopyTask(trigger_token_ids(data), FIRST_CHAR_ID)
 
     # The Quantizable Transformers / OutEffHop protocol for OPT: per layer the outputs of out_proj, both
     # LayerNorms, fc2 and the layer itself; then the decoder's final LayerNorm.

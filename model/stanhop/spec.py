@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from model.family import Batch, FamilyData, FamilySpec, Metric
+from model.family import Batch, FamilyData, FamilySpec, Metric, NamedObjective, Throughput
 from model.layers import LocalLayers
 
 from model.stanhop.config import StanhopConfig
@@ -43,12 +43,13 @@ class StanhopSpec(FamilySpec):
     block_types = ("STanHopBlock", "DecoderLayer")
     recompute_modes = ("none", "full")  # Hopfield layers, no MultiHeadAttention core to recompute selectively
     name = "stanhop"
-    objective = "forecasting"
+    objective = NamedObjective("forecasting")
     model_config_class = StanhopConfig
     data_config_class = StanhopDataConfig
     metrics = (Metric("mse", "MSE", fmt=".4f"), Metric("mae", "MAE", fmt=".4f"))
-    supports_tensor_parallel = False
-    supports_pipeline = False
+    throughput = Throughput("windows", lambda cfg: 1)  # forecast windows (input + horizon) per second
+    target_unit = "points"  # forecast values: horizon x series per window
+    tensor_parallel = None  # small enough for data parallelism: parallel.tensor and parallel.pipeline stay 1
     ptq_weight_range = "minmax"  # small per-tensor weights; no OutEffHop recipe says otherwise
 
     # ------------------------------------------------------------------ model and config

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from model.family import Batch, FamilyData, FamilySpec, Metric, PipelineParts
+from model.family import (TRANSFORMER_SPLIT, Batch, FamilyData, FamilySpec, Metric, NamedObjective, StagesModule,
+                          Throughput)
 from model.layers import IGNORE_INDEX, LocalLayers
 from model.vit.config import ViTConfig
 from model.vit.data_config import ImageDataConfig
@@ -30,7 +31,11 @@ FINAL_NORM = "norm"
 class ViTSpec(FamilySpec):
     block_types = ("Block",)
     name = "vit"
-    objective = "classification"
+    objective = NamedObjective("classification")
+    tensor_parallel = TRANSFORMER_SPLIT
+    throughput = Throughput("images", lambda cfg: 1)  # timm's samples/s; FLOPs per image for MFU
+    target_unit = "images"  # one label (or soft target) per image
+    pipeline_stages = StagesModule("model.vit.pipeline")
     model_config_class = ViTConfig
     data_config_class = ImageDataConfig
     metrics = (Metric("top1", "top-1", higher_is_better=True),)
@@ -56,13 +61,6 @@ class ViTSpec(FamilySpec):
 
     def example_length(self, cfg: Any) -> int:
         return cfg.model.seq_length  # patches + the class token
-
-    def check_layout(self, cfg: Any, tensor: int, pipeline: int) -> None:
-        for key, size in (("model.num_heads", cfg.num_heads), ("model.ffn_hidden_size", cfg.ffn_hidden_size),
-                          ("model.hidden_size", cfg.hidden_size)):
-            if size % tensor:
-                raise ConfigError("parallel.tensor", tensor, f"must divide {key}={size}")
-        super().check_layout(cfg, tensor, pipeline)
 
     # ------------------------------------------------------------------ data
     def _source(self, cfg: Any) -> Any:
@@ -141,17 +139,6 @@ class ViTSpec(FamilySpec):
 
     def reference_values(self, cfg: Any) -> dict[str, float]:
         return {"chance_top1": 100.0 / cfg.model.num_classes}  # the top-1 of guessing
-
-    # ------------------------------------------------------------------ parallel layouts
-    def pipeline(self, cfg: Any, seq_length: int, layers: LocalLayers) -> PipelineParts:
-        from model.vit.pipeline import pipeline_parts
-
-        return pipeline_parts(cfg, seq_length, layers)
-
-    def canonical_name(self, name: str, cfg: Any) -> str:
-        from model.vit.pipeline import canonical_name
-
-        return canonical_name(name, cfg)
 
     # ------------------------------------------------------------------ outliers and quantization
     def outlier_modules(self, model: nn.Module) -> dict[str, str]:
