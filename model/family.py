@@ -185,9 +185,8 @@ class Metric:
 
 
 class Objective(Protocol):
-    """What a family trains for: its name in the run summary (`objective`), e.g. "causal", "mlm",
-    "classification", "forecasting". The text families' objectives also make their examples from packed token
-    blocks (data_pipeline/examples.py's `TextObjective`: model/opt/objective.py, model/bert/objective.py)."""
+    """What a family trains for, named in the run summary (`objective`: "causal", "mlm", "classification", ...);
+    the text families' also make their examples (data_pipeline/examples.py's `TextObjective`)."""
 
     @property
     def name(self) -> str: ...
@@ -226,8 +225,7 @@ class TensorSplit:
                 raise ConfigError("parallel.tensor", tensor, f"must divide model.{key}={size}")
 
 
-# A transformer's split: heads, FFN and hidden width (OPT, BERT, ViT).
-TRANSFORMER_SPLIT = TensorSplit(("num_heads", "ffn_hidden_size", "hidden_size"))
+TRANSFORMER_SPLIT = TensorSplit(("num_heads", "ffn_hidden_size", "hidden_size"))  # OPT, BERT, ViT
 
 
 class PipelineStages(Protocol):
@@ -281,9 +279,7 @@ class FamilySpec(ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()  # reported next to the loss; the first is the headline
     # What the training log's throughput counts (`tokens_per_s` for text; the family names its own unit)
     throughput: ClassVar[Throughput] = Throughput("tokens")
-    # What an evaluation's targets are (num_targets), its count's name in val/test records: predicted tokens for
-    # text, images for an image classifier, forecast points for a forecaster
-    target_unit: ClassVar[str] = "tokens"
+    target_unit: ClassVar[str] = "tokens"  # what num_targets counts, named so in val/test records (images, points)
     # The pieces a parallel layout needs; None: the family refuses that layout in one line (check_layout)
     tensor_parallel: ClassVar[TensorSplit | None] = TensorSplit()
     pipeline_stages: ClassVar[PipelineStages | None] = None
