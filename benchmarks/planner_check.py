@@ -10,7 +10,8 @@ What goes in is measured on this machine, in this run, one thread per rank (OMP_
   - the host's time to issue one layer's forward and backward for one micro-batch (Device.layer_issue_s): a
     one-rank run of the same depth, micro-batches and sequence at width 8 per head, less its FLOPs at the peak,
     over its layers x micro-batches (its optimizer step and embeddings counted in, a slight overestimate);
-  - gloo's all-reduce time over a sweep of sizes between 2 ranks, fitted to the ring model's 2 a + S / B
+  - gloo's all-reduce time over a sweep of sizes between 2 ranks (each after a matmul, as in a TP layer),
+    fitted (Theil-Sen) to 2 a + S / B
     (launcher/comm_model.py): latency a and bandwidth B, the planner's link (which, running on the cores that
     compute, hides nothing behind a GEMM);
   - the compute efficiency (the planner's MFU: model FLOP/s over the matmul rate, the issue time taken out) of two
@@ -138,16 +139,24 @@ def train_worker(args: argparse.Namespace) -> None:
 
 
 def bandwidth_worker(args: argparse.Namespace) -> None:
-    """Under torch.distributed.run (2 ranks): the median time of gloo all-reduces of each size in SWEEP."""
+    """Under torch.distributed.run (2 ranks): the median time of gloo all-reduces of each size in SWEEP, each
+    issued right after a matmul on both ranks, as a tensor-parallel layer issues its all-reduces between GEMMs
+    (started from idle ranks instead, as after a barrier, a collective also pays for waking the ranks' threads:
+    on this VM that doubled the latency)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    for _ in range(20):
+        dist.all_reduce(torch.ones(SWEEP[-1] // 4))
     medians = {}
     for size in SWEEP:
         tensor = torch.ones(size // 4)
         times = []
-        for i in range(12):
-            dist.barrier()
+        dist.barrier()
+        for i in range(32):
+            torch.mm(a, b)
             start = time.perf_counter()
             dist.all_reduce(tensor)
             if i >= 2:
@@ -225,13 +234,14 @@ def gemm_rates(shapes: list[tuple[int, int, int]], rounds: int = 12) -> dict[tup
 
 
 def fit_link(medians: dict[str, float]) -> tuple[float, float]:
-    """(latency per ring step, bytes/s) from 2-rank all-reduce times t(S) = 2 a + S / B: a from the smallest
-    size, B the median of S / (t - 2a) over the sizes where bandwidth dominates (>= 256 KiB); robust to one
-    slow outlier, which a least-squares fit is not."""
-    sizes = sorted(medians, key=float)
-    latency = medians[sizes[0]] / 2
-    rates = sorted(float(s) / max(medians[s] - 2 * latency, 1e-9) for s in sizes if float(s) >= 2**18)
-    return latency, rates[len(rates) // 2]
+    """(latency per ring step, bytes/s) from 2-rank all-reduce times t(S) = 2 a + S / B, fitted by Theil-Sen:
+    1 / B the median of the slopes between every pair of sizes, 2a the median of t - S / B. Robust to a few
+    slow outliers (a busy or waking machine), which a least-squares fit is not."""
+    points = sorted((float(s), t) for s, t in medians.items())
+    slopes = sorted((t2 - t1) / (s2 - s1) for i, (s1, t1) in enumerate(points) for s2, t2 in points[i + 1:])
+    slope = max(statistics.median(slopes), 1e-15)
+    latency = max(statistics.median(t - s * slope for s, t in points) / 2, 0.0)
+    return latency, 1 / slope
 
 
 def narrow(args: argparse.Namespace) -> argparse.Namespace:
