@@ -257,8 +257,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str, classes: dict[str, ty
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     moved = {key: why for key, why in getattr(cls, "MOVED_KEYS", {}).items() if key in values and key not in fields}
-    if moved:  # e.g. an older checkpoint's config.yaml: readable, and said in one line
-        print(f"note: {', '.join(f'{prefix}.{key}' for key in moved)} ignored: {'; '.join(sorted(set(moved.values())))}",
+    # An older checkpoint's config.yaml carries them at their old defaults: read silently; a value someone set
+    # is said in one line.
+    old_defaults = getattr(cls, "MOVED_DEFAULTS", {})
+    said = {key: why for key, why in moved.items() if key not in old_defaults or values[key] != old_defaults[key]}
+    if said:
+        print(f"note: {', '.join(f'{prefix}.{key}' for key in said)} ignored: {'; '.join(sorted(set(said.values())))}",
               file=sys.stderr)
     for key, value in values.items():
         # Users write `attention.x`, though it lives at model.attention.
