@@ -4,6 +4,7 @@ attention variants are found in every process (launcher subprocesses and deepspe
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from common.errors import ConfigError
@@ -25,3 +26,19 @@ def import_named(name: str, kind: type[T], key: str) -> T:
     if not isinstance(found, kind):
         raise ConfigError(key, name, f"does not name a {kind.__module__}.{kind.__qualname__}")
     return found
+
+
+def find_registered(registry: dict[str, T], name: str, builtins: Mapping[str, str],
+                    load: Callable[[str], T]) -> T | None:
+    """`name`'s entry in `registry` (families, variants, data sources): registered already; built in, when
+    importing its module (`builtins[name]`) registers it; or an import path, loaded by `load` (which checks it
+    and raises one ConfigError line) and registered under `name`. None when it is none of these: the caller
+    raises its own one-line error listing its choices."""
+    if name not in registry:
+        if name in builtins:
+            importlib.import_module(builtins[name])
+        elif is_import_path(name):
+            registry[name] = load(name)
+        else:
+            return None
+    return registry[name]

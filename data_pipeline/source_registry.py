@@ -9,12 +9,11 @@ the pipeline's (data_pipeline/packing.py, blend.py) and come with every source.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from common.errors import ConfigError
-from common.plugins import import_named, is_import_path
+from common.plugins import find_registered, import_named
 from data_pipeline.config import BUILTIN_SOURCES, DataConfig
 
 
@@ -44,18 +43,18 @@ def register_source(name: str, opener: SourceOpener) -> SourceOpener:
     return opener
 
 
+def _import_opener(path: str) -> SourceOpener:
+    opener = import_named(path, object, "data.source")
+    if not callable(opener):
+        raise ConfigError("data.source", path, "must name a callable (data config, split, **options) -> DocumentSource")
+    return opener
+
+
 def source_opener(name: str) -> SourceOpener:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in BUILTIN_SOURCES:
-        importlib.import_module(BUILTIN_SOURCES[name])  # the module registers its sources
-        return _REGISTRY[name]
-    if is_import_path(name):
-        opener = import_named(name, object, "data.source")
-        if not callable(opener):
-            raise ConfigError("data.source", name, "must name a callable (data config, split, **options) -> DocumentSource")
-        return register_source(name, opener)
-    raise ConfigError("data.source", name, f"must be one of {', '.join(BUILTIN_SOURCES)} or package.module:NAME")
+    opener = find_registered(_REGISTRY, name, BUILTIN_SOURCES, _import_opener)
+    if opener is None:
+        raise ConfigError("data.source", name, f"must be one of {', '.join(BUILTIN_SOURCES)} or package.module:NAME")
+    return opener
 
 
 def open_source(cfg: DataConfig, split: str = "train", **options: object) -> DocumentSource:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.plugins import import_named, is_import_path
+from common.plugins import find_registered, import_named
 from model.attention_config import AttentionConfig
 from model.hf_adapter import HFAdapter
 
@@ -472,14 +472,10 @@ def known_families() -> list[str]:
 
 def spec_for(name: str) -> FamilySpec:
     """The family registered as `name`: a built-in family, or `package.module:ATTR` (imported on first use)."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in BUILTIN_FAMILIES:
-        importlib.import_module(BUILTIN_FAMILIES[name])  # the package registers its spec
-        return _REGISTRY[name]
-    if is_import_path(name):
-        return register_family(import_named(name, FamilySpec, "model.family"), name)
-    raise ConfigError("model.family", name, f"must be one of {', '.join(known_families())} or package.module:SPEC")
+    spec = find_registered(_REGISTRY, name, BUILTIN_FAMILIES, lambda path: import_named(path, FamilySpec, "model.family"))
+    if spec is None:
+        raise ConfigError("model.family", name, f"must be one of {', '.join(known_families())} or package.module:SPEC")
+    return spec
 
 
 def family_of(model_cfg: ModelSection) -> FamilySpec:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from common.errors import ConfigError, ProjectError
-from common.plugins import import_named, is_import_path
+from common.plugins import find_registered, import_named
 from model import kernels
 from model.kernels import sdpa
 from model.softmax import alpha_logit, entmax, sparsemax
@@ -132,10 +132,9 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Variant:
     """The variant registered as `name`, or `package.module:NAME` (imported and registered on first use)."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if is_import_path(name):
-        return register(import_named(name, Variant, "attention.variant"), name)
+    variant = find_registered(_REGISTRY, name, {}, lambda path: import_named(path, Variant, "attention.variant"))
+    if variant is not None:
+        return variant
     raise ConfigError("attention.variant", name, f"unknown softmax variant: must be one of {', '.join(_REGISTRY)} "
                       "or package.module:NAME")
 
